@@ -1,0 +1,79 @@
+"""Seed compatibility: the tutorial's `retrain` and `label_image` commands, mapped onto cxrlab."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli import add_train_options, render_prediction_text, render_train_result, run
+
+ARCHITECTURES = {"inception_v3": "inception-v3", "mobilenet": "efficientnet-lite0"}
+
+
+def _run_retrain(a) -> int:
+    from .cli import print_step
+    from .fsutil import atomic_write_bytes
+    from .progress import TqdmProgress
+    from .training import train
+
+    image_dir = a.image_dir or a.image_dir_pos
+    if not image_dir:
+        from .errors import CxrlabError
+
+        raise CxrlabError("give the image folder with --image_dir")
+    backbone = a.backbone or ARCHITECTURES.get(a.architecture, a.architecture)
+    graph = Path(a.output_graph)
+    model_dir = graph.with_name(graph.stem + ".cxrlab")
+    r = train(image_dir, output=model_dir, backbone=backbone, bottleneck_dir=a.bottleneck_dir,
+              testing_percentage=a.testing_percentage, validation_percentage=a.validation_percentage,
+              solver=a.solver, how_many_training_steps=a.how_many_training_steps, learning_rate=a.learning_rate,
+              train_batch_size=a.train_batch_size, eval_step_interval=a.eval_step_interval,
+              validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
+              flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
+              random_brightness=a.random_brightness, label_from_name=a.label_from_name, seed=a.seed,
+              ood=not a.no_ood, report=not a.no_report, on_step=print_step, progress=TqdmProgress())
+    render_train_result(r, print_misclassified=a.print_misclassified_test_images)
+    atomic_write_bytes(graph, (model_dir / "model.onnx").read_bytes())
+    atomic_write_bytes(Path(a.output_labels), (model_dir / "labels.txt").read_bytes())
+    print(f"Wrote {graph} (ONNX) and {a.output_labels}; full model directory: {model_dir}")
+    return 0
+
+
+def retrain_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="retrain", description="The TensorFlow retrain.py tutorial's command, run by cxrlab.")
+    add_train_options(p)
+    p.set_defaults(backbone=None, bottleneck_dir="/tmp/bottleneck")
+    p.add_argument("--output_graph", default="/tmp/output_graph.pb", help="written as ONNX (cxrlab's analogue of the .pb)")
+    p.add_argument("--output_labels", default="/tmp/output_labels.txt")
+    p.add_argument("--architecture", default="inception_v3", help="inception_v3 (the tutorial's) or any cxrlab backbone")
+    for ignored in ("--summaries_dir", "--model_dir", "--final_tensor_name", "--intermediate_output_graphs_dir",
+                    "--intermediate_store_frequency"):
+        p.add_argument(ignored, help="accepted for compatibility; not used")
+    a = p.parse_args(argv)
+    return run(_run_retrain, a)
+
+
+def _run_label_image(a) -> int:
+    from .predict import Model
+
+    model = Model.from_graph(a.graph, a.labels)
+    for image in a.image:
+        for p in model.predict([image]):
+            print("\n".join(render_prediction_text(p, header=len(a.image) > 1)))
+    return 0
+
+
+def label_image_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="label_image", description="The tutorial's label_image, on a cxrlab model.")
+    p.add_argument("--graph", default="/tmp/output_graph.pb")
+    p.add_argument("--labels", default="/tmp/output_labels.txt")
+    p.add_argument("--image", required=True, action="append", help="image file (repeat for several)")
+    for ignored in ("--input_layer", "--output_layer", "--input_height", "--input_width", "--input_mean", "--input_std"):
+        p.add_argument(ignored, help="accepted for compatibility: the preprocessing lives in the model")
+    a = p.parse_args(argv)
+    return run(_run_label_image, a)
+
+
+if __name__ == "__main__":
+    sys.exit(retrain_main())

@@ -1,0 +1,124 @@
+"""Discover: an image folder -> labelled samples (one class per subfolder, or a file-name rule)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .decode import looks_like_image_file
+from .errors import DataError
+
+MIN_IMAGES_PER_CLASS = 20
+
+# The NLM TB sets (Shenzhen, Montgomery) encode the label in the name: CHNCXR_0327_1.png is abnormal.
+NAME_RULES = {
+    "nlm": (r"_(?P<label>[01])\.[A-Za-z0-9]+$", {"1": "abnormal", "0": "normal"}),
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    relpath: str  # POSIX path relative to the image folder
+    label: str
+
+
+@dataclass
+class Dataset:
+    root: Path
+    samples: list[Sample]
+    labels: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out = {label: 0 for label in self.labels}
+        for s in self.samples:
+            out[s.label] += 1
+        return out
+
+
+def _walk_images(root: Path):
+    """Yield image files under root in sorted order, skipping hidden entries and symlink loops."""
+    seen_dirs = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and looks_like_image_file(path):
+                yield path
+
+
+def parse_name_rule(rule: str, label_map: dict[str, str] | None = None):
+    """Return (compiled regex, label map) for a preset name ('nlm') or a regex with a `label` group."""
+    if rule in NAME_RULES:
+        pattern, preset_map = NAME_RULES[rule]
+        return re.compile(pattern), {**preset_map, **(label_map or {})}
+    try:
+        regex = re.compile(rule)
+    except re.error as exc:
+        raise DataError(f"--label-from-name: invalid regular expression {rule!r}: {exc}") from None
+    if "label" not in regex.groupindex and regex.groups == 0:
+        raise DataError(
+            f"--label-from-name {rule!r} has no group: write the label part as (?P<label>...), "
+            "or use the preset 'nlm' for the Shenzhen/Montgomery naming (_1 = abnormal, _0 = normal)."
+        )
+    return regex, dict(label_map or {})
+
+
+def discover(
+    root: str | os.PathLike,
+    *,
+    label_from_name: str | None = None,
+    label_map: dict[str, str] | None = None,
+    min_per_class: int = MIN_IMAGES_PER_CLASS,
+    require_classes: int = 2,
+) -> Dataset:
+    """Find the labelled images under ``root``.
+
+    Without ``label_from_name`` each direct subfolder is a class and every image below it
+    (at any depth) belongs to it. With it, every image under root is labelled by the regex
+    (or the preset ``'nlm'``) applied to its file name; files that do not match are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder. Give the folder that holds one subfolder per class.")
+    samples: list[Sample] = []
+    warnings: list[str] = []
+    if label_from_name:
+        regex, mapping = parse_name_rule(label_from_name, label_map)
+        unmatched = 0
+        for path in _walk_images(root):
+            m = regex.search(path.name)
+            if not m:
+                unmatched += 1
+                continue
+            raw = m.group("label") if "label" in regex.groupindex else m.group(1)
+            samples.append(Sample(path.relative_to(root).as_posix(), mapping.get(raw, raw)))
+        if unmatched:
+            warnings.append(f"{unmatched} image(s) under {root} did not match --label-from-name and were ignored")
+    else:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for class_dir in class_dirs:
+            for path in _walk_images(class_dir):
+                samples.append(Sample(path.relative_to(root).as_posix(), class_dir.name))
+        empty = [d.name for d in class_dirs if not any(s.label == d.name for s in samples)]
+        if empty:
+            warnings.append(f"class folder(s) with no images ignored: {', '.join(empty)}")
+    labels = sorted({s.label for s in samples})
+    if len(labels) < require_classes:
+        found = ", ".join(f"{label}/" for label in labels) or "none"
+        raise DataError(
+            f"{root}: found {len(labels)} class(es) with images ({found}); training needs at least "
+            f"{require_classes}. Put each class in its own subfolder, or use --label-from-name."
+        )
+    dataset = Dataset(root, samples, labels, warnings)
+    for label, n in dataset.counts().items():
+        if n < min_per_class:
+            warnings.append(f"class '{label}' has only {n} image(s); at least {min_per_class} are recommended")
+    return dataset

@@ -1,0 +1,168 @@
+"""Embed: image files -> (n, d) float32 embeddings with ONNX Runtime, through the cache.
+
+Worker threads read and hash each file; a cache hit is returned at once, a miss is decoded and
+resized in a small thread pool (Pillow and ONNX Runtime release the GIL) while the previous
+batch runs through the network. At most a few batches are in flight, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import Backbone
+from .cache import EmbeddingStore
+from .decode import DecodedImage, decode_image, resize
+from .errors import ImageError
+from .progress import Progress, resolve
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray  # (n_ok, d), rows aligned with `paths`
+    paths: list[str]  # the files that were embedded (skipped ones removed)
+    digests: list[bytes]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def make_session(onnx_path: str | os.PathLike | bytes, *, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(source, so, providers=providers)
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise ImageError(p, "is a directory, not an image file")
+        return p.read_bytes()
+    except ImageError:
+        raise
+    except OSError as exc:
+        raise ImageError(p, f"cannot read file: {exc.strerror or exc}") from None
+
+
+def prepare(data: bytes, size: int, name: str) -> tuple[np.ndarray, DecodedImage]:
+    """Decode bytes and resize to the network's square input: (size, size) float32."""
+    img = decode_image(data, name=name, min_size=size)
+    return resize(img.pixels, size), img
+
+
+class Embedder:
+    """Runs a backbone's ONNX graph over batches of images."""
+
+    def __init__(self, backbone: Backbone, *, batch_size: int = 32, workers: int | None = None, threads: int | None = None):
+        self.backbone = backbone
+        self.size = backbone.spec.input_size
+        self.batch_size = batch_size
+        self.workers = workers or min(4, default_threads())
+        self.session = make_session(backbone.onnx_path, threads=threads)
+
+    def run(self, batch: np.ndarray, outputs=("embedding",)) -> list[np.ndarray]:
+        return self.session.run(list(outputs), {"image": batch[:, None, :, :]})
+
+    def embed_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Embed already-resized (size, size) arrays."""
+        out = []
+        for i in range(0, len(arrays), self.batch_size):
+            out.append(self.run(np.stack(arrays[i : i + self.batch_size]))[0])
+        return np.concatenate(out) if out else np.zeros((0, self.backbone.spec.embed_dim), np.float32)
+
+    def embed_files(
+        self,
+        paths: list[str | os.PathLike],
+        *,
+        store: EmbeddingStore | None = None,
+        progress: Progress | None = None,
+    ) -> EmbedResult:
+        progress = resolve(progress)
+        progress.start(len(paths), f"embedding ({self.backbone.id})")
+        vectors: dict[int, np.ndarray] = {}
+        digests: dict[int, bytes] = {}
+        skipped: list[tuple[int, SkippedFile]] = []
+        hits = 0
+        batch: list[tuple[int, bytes, np.ndarray]] = []
+
+        def load(i: int):
+            data = read_file(paths[i])
+            d = hashlib.sha256(data).digest()
+            if store is not None and (hit := store.lookup(d)) is not None:
+                return d, hit, True
+            return d, prepare(data, self.size, str(paths[i]))[0], False
+
+        def flush():
+            out = self.run(np.stack([a for _, _, a in batch]))[0]
+            for (i, _, _), v in zip(batch, out):
+                vectors[i] = v
+            if store is not None:
+                store.put_many([d for _, d, _ in batch], out)
+            progress.advance(len(batch))
+            batch.clear()
+
+        lookahead = 2 * self.batch_size
+        with ThreadPoolExecutor(self.workers) as pool:
+            in_flight: deque = deque()
+            next_i = 0
+            while next_i < len(paths) or in_flight:
+                while next_i < len(paths) and len(in_flight) < lookahead:
+                    in_flight.append((next_i, pool.submit(load, next_i)))
+                    next_i += 1
+                i, fut = in_flight.popleft()
+                try:
+                    d, value, was_hit = fut.result()
+                except ImageError as exc:
+                    skipped.append((i, SkippedFile(str(paths[i]), exc.reason)))
+                    progress.advance()
+                    continue
+                digests[i] = d
+                if was_hit:
+                    vectors[i] = value
+                    hits += 1
+                    progress.advance()
+                else:
+                    batch.append((i, d, value))
+                    if len(batch) == self.batch_size:
+                        flush()
+            if batch:
+                flush()
+        if store is not None:
+            store.hits += hits
+            store.misses += len(digests) - hits
+            store.maybe_compact()
+        progress.close()
+        order = sorted(vectors)
+        dim = self.backbone.spec.embed_dim
+        return EmbedResult(
+            vectors=np.stack([vectors[i] for i in order]).astype(np.float32) if order else np.zeros((0, dim), np.float32),
+            paths=[str(paths[i]) for i in order],
+            digests=[digests[i] for i in order],
+            skipped=[s for _, s in sorted(skipped, key=lambda t: t[0])],
+            hits=hits,
+            misses=len(order) - hits,
+        )

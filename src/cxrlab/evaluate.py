@@ -1,0 +1,87 @@
+"""Evaluate: a model directory + any labelled folder -> metrics at the stored operating point."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .discover import discover
+from .errors import DataError
+from .metrics import binary_report, multiclass_report, who_verdict
+from .predict import Model, Prediction
+from .progress import Progress, resolve
+
+
+@dataclass
+class EvalResult:
+    metrics: dict  # {'all': report, 'accepted': report or None, 'n_rejected': int, ...}
+    predictions: list[Prediction]
+    true_labels: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    output_dir: Path | None = None
+
+
+def _report(model: Model, y_true: list[str], preds: list[Prediction]) -> dict:
+    labels = model.labels
+    P = np.array([[p.scores[lab] for lab in labels] for p in preds])
+    if model.threshold is not None:
+        pos = model.positive_label
+        rep = binary_report(np.array([t == pos for t in y_true], int), P[:, labels.index(pos)], model.threshold)
+        rep["who_verdict"] = who_verdict(rep)
+        return rep
+    return multiclass_report(np.array([labels.index(t) for t in y_true]), P, labels)
+
+
+def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, label_from_name: str | None = None,
+             label_map: dict | None = None, output: str | os.PathLike | None = None, ood: bool = True,
+             progress: Progress | None = None) -> EvalResult:
+    """Score every labelled image under ``data_dir`` and report metrics on all and on accepted images."""
+    model = model if isinstance(model, Model) else Model(model)
+    data_dir = Path(data_dir)
+    ds = discover(data_dir, label_from_name=label_from_name, label_map=label_map, min_per_class=0, require_classes=1)
+    unknown = sorted(set(ds.labels) - set(model.labels))
+    if unknown:
+        raise DataError(f"{data_dir}: class(es) {', '.join(unknown)} are not among the model's labels "
+                        f"({', '.join(model.labels)}); rename the folders or use --label-from-name")
+    progress = resolve(progress)
+    progress.start(len(ds.samples), "evaluating")
+    preds, truth, skipped = [], [], []
+    batch = 32
+    for i in range(0, len(ds.samples), batch):
+        chunk = ds.samples[i : i + batch]
+        for s, p in zip(chunk, model.predict([str(data_dir / s.relpath) for s in chunk], ood=ood)):
+            if p.error:
+                skipped.append((p.path, p.error))
+            else:
+                preds.append(p)
+                truth.append(s.label)
+        progress.advance(len(chunk))
+    progress.close()
+    if not preds:
+        raise DataError(f"{data_dir}: none of the images could be read")
+    metrics: dict = {"n_images": len(preds), "n_skipped": len(skipped), "all": _report(model, truth, preds)}
+    accepted = [(t, p) for t, p in zip(truth, preds) if not p.ood]
+    metrics["n_rejected"] = len(preds) - len(accepted)
+    try:
+        metrics["accepted"] = _report(model, [t for t, _ in accepted], [p for _, p in accepted]) if metrics["n_rejected"] else None
+    except DataError as exc:
+        metrics["accepted"] = None
+        metrics["accepted_note"] = str(exc)
+    metrics["internal_test"] = model.info.get("metrics", {}).get("test")
+    result = EvalResult(metrics, preds, truth, skipped)
+    if output is not None:
+        from .report import write_evaluation
+
+        rows = [{"path": p.path, "true_label": t, "scores": [p.scores[lab] for lab in model.labels],
+                 "predicted_label": p.label or "rejected", "correct": p.label == t, "split": "external"}
+                for t, p in zip(truth, preds)]
+        write_evaluation(Path(output), title=f"Evaluation of {model.directory} on {data_dir}", rows=rows,
+                         labels=model.labels, positive_label=model.positive_label, threshold=model.threshold,
+                         metrics=metrics["all"], rejected=[(p.path, p.ood_score) for p in preds if p.ood],
+                         reference_metrics=metrics["internal_test"],
+                         notes=[f"{path}: {reason}" for path, reason in skipped])
+        result.output_dir = Path(output)
+    return result

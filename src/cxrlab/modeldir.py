@@ -1,0 +1,91 @@
+"""Save/load: the model directory, the single contract between training and its consumers.
+
+    model.onnx    backbone + head fused (image in, probabilities out)
+    labels.txt    one label per line, in output order (the tutorial's output_labels.txt)
+    cxrlab.json   everything needed to reproduce and consume the model, incl. SHA-256 of files
+    *.safetensors optional arrays (e.g. the out-of-distribution gate)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelDirError
+from .fsutil import atomic_write_bytes
+
+SCHEMA_VERSION = 1
+MODEL_FILE, LABELS_FILE, INFO_FILE = "model.onnx", "labels.txt", "cxrlab.json"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[str], info: dict,
+               arrays: dict[str, bytes] | None = None) -> Path:
+    """Write a complete model directory atomically (a half-written one never appears)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    files = {MODEL_FILE: onnx_bytes, LABELS_FILE: ("\n".join(labels) + "\n").encode("utf-8"), **(arrays or {})}
+    info = {"schema_version": SCHEMA_VERSION, **info, "labels": list(labels),
+            "files": {name: _sha256(data) for name, data in sorted(files.items())}}
+    files[INFO_FILE] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(staging / name, data)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def read_model_dir(directory: str | os.PathLike) -> tuple[dict, list[str], bytes]:
+    """Read and verify a model directory: (info, labels, model bytes)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelDirError(f"{directory}: not a model directory (expected a folder with {MODEL_FILE}, {LABELS_FILE}, {INFO_FILE})")
+    try:
+        info = json.loads((directory / INFO_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelDirError(f"{directory}: {INFO_FILE} is missing; this is not a complete cxrlab model") from None
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{directory / INFO_FILE}: unreadable or not JSON ({exc})") from None
+    version = info.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ModelDirError(f"{directory}: schema_version {version!r} is not supported by this cxrlab "
+                            f"(supports {SCHEMA_VERSION}); upgrade cxrlab or retrain the model")
+    blobs = {}
+    for name, digest in info.get("files", {}).items():
+        try:
+            blobs[name] = (directory / name).read_bytes()
+        except OSError:
+            raise ModelDirError(f"{directory}: {name} is missing; the model directory is incomplete") from None
+        if _sha256(blobs[name]) != digest:
+            raise ModelDirError(f"{directory / name}: content differs from the SHA-256 recorded at save time; "
+                                "the file was altered or damaged. Retrain or restore the model.")
+    for required in (MODEL_FILE, LABELS_FILE):
+        if required not in blobs:
+            raise ModelDirError(f"{directory}: {INFO_FILE} does not list {required}")
+    labels = blobs[LABELS_FILE].decode("utf-8").splitlines()
+    if labels != info.get("labels"):
+        raise ModelDirError(f"{directory}: {LABELS_FILE} and {INFO_FILE} list different labels")
+    return info, labels, blobs[MODEL_FILE]
+
+
+def read_array_file(directory: str | os.PathLike, name: str) -> dict:
+    from safetensors.numpy import load
+
+    return load((Path(directory) / name).read_bytes())

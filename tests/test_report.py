@@ -1,0 +1,154 @@
+"""Tests for cxrlab.report: the three files of a run report, a self-contained HTML."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrlab.metrics import binary_report, multiclass_report, who_verdict
+from cxrlab.report import write_evaluation, write_run_report
+from cxrlab.split import Entry
+
+IMG_RE = re.compile(r"<img\b[^>]*>")
+SRC_RE = re.compile(r"src=['\"]data:image/png;base64,([A-Za-z0-9+/=]+)['\"]")
+ALT_RE = re.compile(r"alt=['\"]([^'\"]*)['\"]")
+
+
+def _entries(tmp_path, labels, n_per_class=12, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for lab in labels:
+        (tmp_path / lab).mkdir()
+        for i in range(n_per_class):
+            rel = f"{lab}/p{i}.png"
+            arr = rng.integers(0, 256, (40 + i, 60), dtype=np.uint8)
+            Image.fromarray(arr, "L").save(tmp_path / rel)
+            split = ("train", "validation", "test", "test")[i % 4]
+            out.append(Entry(rel, lab, f"{lab}/p{i}", split))
+    return out
+
+
+def _curve():
+    return [{"step": s, "train_accuracy": 0.5 + s / 40, "cross_entropy": 1.0 - s / 20, "validation_n": 8,
+             "validation_accuracy": None if s == 5 else 0.5 + s / 50,
+             "validation_cross_entropy": None if s == 5 else 1.0 - s / 25} for s in range(0, 20, 5)]
+
+
+def _check_html(text):
+    imgs = IMG_RE.findall(text)
+    assert imgs
+    for tag in imgs:
+        m = SRC_RE.search(tag)
+        assert m, tag[:80]
+        Image.open(io.BytesIO(base64.b64decode(m.group(1)))).verify()
+        assert ALT_RE.search(tag).group(1).strip()
+        assert "class='plot'" in tag or "class='thumb'" in tag
+    assert not re.search(r"(src|href)=['\"](?!data:)", text)  # nothing external
+    return [ALT_RE.search(t).group(1).lower() for t in imgs]
+
+
+def test_binary_run_report(tmp_path):
+    labels = ["abnormal", "normal"]
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    entries = _entries(img_dir, labels)
+    rng = np.random.default_rng(1)
+    probs = {}
+    for e in entries:
+        p = float(np.clip(rng.normal(0.7 if e.label == "abnormal" else 0.3, 0.2), 0.01, 0.99))
+        probs[e.relpath] = np.array([p, 1 - p])
+    thr = 0.5
+    test = [e for e in entries if e.split == "test"]
+    y = np.array([e.label == "abnormal" for e in test], dtype=int)
+    s = np.array([probs[e.relpath][0] for e in test])
+    rep = binary_report(y, s, thr)
+    rep["who_verdict"] = who_verdict(rep)
+    rep["ece_uncalibrated"] = 0.12
+    run_dir = tmp_path / "run"
+    result = SimpleNamespace(
+        run_dir=run_dir, labels=labels,
+        metrics={"n": {"train": 6, "validation": 6, "test": 12}, "test": rep, "training_curve": _curve(),
+                 "final_test_accuracy_argmax": 0.75},
+        skipped=[SimpleNamespace(path="abnormal/broken.png", reason="truncated <PNG> & co")],
+        notes=["a warning"])
+    info = {"positive_label": "abnormal", "labels": labels,
+            "operating_point": {"rule": "youden", "threshold": thr, "sensitivity": float("nan"),
+                                "specificity": 0.8, "reachable": True, "note": ""},
+            "calibration": {"method": "temperature", "temperature": 1.3}, "backbone": {"id": "fake"}}
+    write_run_report(result, img_dir, entries=entries, probs_by_relpath=probs, info=info)
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("n", "test", "training_curve", "operating_point", "calibration"):
+        assert key in m
+    assert m["operating_point"]["sensitivity"] is None  # NaN made JSON-safe
+    assert m["test"]["who_verdict"] == rep["who_verdict"]
+
+    with open(run_dir / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "true_label", "score_abnormal", "score_normal", "predicted_label", "correct", "split"]
+    assert len(rows) == 1 + len(entries)
+    for r in rows[1:]:
+        assert r[4] == ("abnormal" if float(r[2]) >= thr else "normal")
+        assert r[5] == str(int(r[4] == r[1]))
+
+    text = (run_dir / "report.html").read_text()
+    assert rep["who_verdict"].replace(">", "&gt;") in text
+    assert "truncated &lt;PNG&gt; &amp; co" in text
+    alts = _check_html(text)
+    for word in ("roc", "precision-recall", "reliability", "confusion", "histogram", "training"):
+        assert any(word in a for a in alts), word
+    n_wrong = sum(1 for r in rows[1:] if r[6] == "test" and r[5] == "0")
+    assert sum("class='thumb'" in t for t in IMG_RE.findall(text)) == min(n_wrong, 40)
+
+
+def test_multiclass_report_has_no_roc(tmp_path):
+    labels = ["normal", "tb", "other"]
+    entries = _entries(tmp_path, labels, n_per_class=8)
+    rng = np.random.default_rng(2)
+    probs = {e.relpath: rng.dirichlet(np.ones(3) + 3 * np.eye(3)[labels.index(e.label)]) for e in entries}
+    test = [e for e in entries if e.split == "test"]
+    rep = multiclass_report([labels.index(e.label) for e in test], np.stack([probs[e.relpath] for e in test]), labels)
+    run_dir = tmp_path / "run"
+    result = SimpleNamespace(run_dir=run_dir, labels=labels, metrics={"test": rep}, skipped=[], notes=[])
+    write_run_report(result, tmp_path, entries=entries, probs_by_relpath=probs,
+                     info={"positive_label": None, "operating_point": None, "labels": labels})
+    text = (run_dir / "report.html").read_text()
+    alts = _check_html(text)
+    assert any("confusion" in a for a in alts)
+    assert not any("roc" in a or "histogram" in a or "reliability" in a for a in alts)
+    assert "Per class" in text and "n/a" in text
+    with open(run_dir / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(entries)
+    for r in rows:
+        assert r["predicted_label"] == max(labels, key=lambda lab: float(r[f"score_{lab}"]))
+
+
+def test_write_evaluation_reference_and_rejected(tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((300, 200), 128, np.uint8), "L").save(img)
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 30)
+    y[:2] = [0, 1]
+    s = np.clip(y * 0.4 + rng.random(30) * 0.6, 0, 1)
+    rows = [{"path": str(img), "true_label": "tb" if t else "normal", "scores": [1 - p, p],
+             "predicted_label": "tb" if p >= 0.5 else "normal", "correct": (p >= 0.5) == bool(t),
+             "split": "external"} for t, p in zip(y, s)]
+    rep = binary_report(y, s, 0.5)
+    ref = dict(rep, auc=0.99)
+    write_evaluation(tmp_path / "out", title="External <eval>", rows=rows, labels=["normal", "tb"],
+                     positive_label="tb", threshold=0.5, metrics=rep, reference_metrics=ref,
+                     rejected=[(str(img), 3.5), (str(tmp_path / "missing.png"), 9.0)], notes=["n1"])
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert "External &lt;eval&gt;" in text and "Reference" in text and "0.990" in text
+    assert "no thumbnail for" in text and "Rejected images" in text
+    _check_html(text)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["auc"] == pytest.approx(rep["auc"])
