@@ -1,0 +1,64 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import cxrlab
+from cxrlab.backbones import REGISTRY, create_backbone, get_spec, list_backbones
+from cxrlab.errors import BackboneError
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_registry_entries_are_complete(name):
+    spec = get_spec(name)
+    assert spec.input_size >= 224 and spec.embed_dim >= 1000 and len(spec.weights_sha256) == 64
+    assert spec.preprocessing()["input_size"] == spec.input_size and spec.license
+
+
+def test_unknown_backbone_suggests():
+    with pytest.raises(BackboneError, match="Did you mean 'efficientnet-lite2'"):
+        get_spec("efficientnet-lite3")
+    assert "onnx:PATH" in list_backbones()
+
+
+def test_lite0_onnx_matches_torch():
+    import torch
+
+    bb = create_backbone("efficientnet-lite0")
+    spec = bb.spec
+    module = spec.builder(spec, __import__("cxrlab.backbones", fromlist=["_weights_path"])._weights_path(spec)).eval()
+    x = np.random.default_rng(0).random((2, 1, 224, 224), dtype=np.float32)
+    from cxrlab.embed import make_session
+
+    ort_emb = make_session(bb.onnx_path).run(["embedding"], {"image": x})[0]
+    with torch.no_grad():
+        torch_emb = module(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(ort_emb, torch_emb, atol=1e-3, rtol=1e-3)
+
+
+def _user_onnx(path, opset):
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["y"])], "user",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 30, 30])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_user_onnx_backbone_trains_and_predicts(tmp_path, tiny_dataset, opset):
+    path = tmp_path / "enc.onnx"
+    _user_onnx(path, opset)
+    result = cxrlab.train(tiny_dataset, output=tmp_path / "m", backbone=f"onnx:{path}", report=False)
+    model = cxrlab.load_model(result.model_dir)
+    pred = model.predict([sorted((tiny_dataset / "normal").iterdir())[0]])[0]
+    assert pred.error is None and set(pred.scores) == {"abnormal", "normal"}
+    with pytest.raises(BackboneError, match="file not found"):
+        create_backbone(f"onnx:{tmp_path / 'missing.onnx'}")
+
+
+def test_distortions_bypass_cache_and_warn_about_flips(tmp_path, tiny_dataset):
+    r = cxrlab.train(tiny_dataset, output=tmp_path / "m", flip_left_right=True, random_brightness=10,
+                     random_crop=5, distortion_copies=2, report=False, ood=False)
+    assert any("heart" in n for n in r.notes)
+    assert r.metrics["n"]["train"] > 0
