@@ -18,6 +18,7 @@ EPILOG = {
     "ood-check": "example: cxrlab ood-check --model models/tb cow.jpg lungs/normal/",
     "datasets": "example: cxrlab datasets download shenzhen data/shenzhen",
     "serve": "example: cxrlab serve --model models/tb --port 8000",
+    "explain": "example: cxrlab explain --model models/tb lungs/abnormal --output heatmaps/ --summary",
 }
 
 
@@ -138,6 +139,11 @@ def run_predict(a) -> int:
     else:
         for p in preds:
             print("\n".join(render_prediction_text(p, a.top_k, header=len(preds) > 1)))
+    if a.explain:
+        from .explain import explain_paths
+
+        n = len(explain_paths(model, [p.path for p in preds if not p.error], a.explain))
+        print(f"{n} heatmap(s) written to {a.explain}", file=sys.stderr)
     return 1 if preds and all(p.error for p in preds) else 0
 
 
@@ -189,6 +195,22 @@ def run_datasets(a) -> int:
     return 0
 
 
+def run_explain(a) -> int:
+    from .explain import explain_paths, summary
+    from .predict import load_model
+
+    heatmaps = explain_paths(load_model(a.model), a.paths, a.output)
+    print(f"{len(heatmaps)} heatmap(s) written to {a.output}")
+    if a.summary and heatmaps:
+        s = summary(heatmaps)
+        m = s["mean_border_share"]
+        print(f"border heat share: mean {m * 100:.1f}% (n={s['n']}); central region {(1 - m) * 100:.1f}%")
+        if s["flag"]:
+            print("warning: most of the heat is in the image border: the model may be looking at text markers "
+                  "or borders rather than the lungs")
+    return 0 if heatmaps else 1
+
+
 def run_serve(a) -> int:
     from .serve import serve
 
@@ -213,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--format", choices=["text", "json", "csv"], default="text")
     p.add_argument("--no-ood", action="store_true", help="do not refuse out-of-distribution images")
+    p.add_argument("--explain", metavar="OUT_DIR", help="also write class activation map overlays here")
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("data", metavar="DATA")
@@ -229,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="download from this address instead of the official one")
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
     p.add_argument("--archive", help="lay out an archive you already downloaded (no network)")
+    p = command("explain", run_explain, "write class activation map overlays (where the model looked)")
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--output", "-o", required=True, metavar="OUT_DIR")
+    p.add_argument("--summary", action="store_true", help="print the share of heat in the image border")
     p = command("serve", run_serve, "a local web page and REST API")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--host", default="127.0.0.1")

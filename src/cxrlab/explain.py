@@ -1,0 +1,148 @@
+"""Explain: (Model, image) -> class activation map and overlay.
+
+The fused model.onnx outputs ``class_maps`` (N, K, h, w): for class k the exact map
+sum_c W_kc A_c whose spatial mean plus the bias is the logit (Zhou et al. 2016), so no
+gradients or extra passes are needed. Maps are min-max normalised for display; a map with
+most of its heat in the outer band suggests the model looks at markers or borders, not lungs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .embed import prepare, read_file
+from .errors import DataError, ImageError, ModelDirError
+from .predict import expand_paths
+
+
+@dataclass
+class Heatmap:
+    path: str
+    label: str
+    score: float
+    cam: np.ndarray  # float32 (h, w) of the explained class, min-max normalised to [0, 1]
+    full: np.ndarray  # cam upsampled to the decoded image size (H, W)
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float32)
+    lo, hi = float(m.min()), float(m.max())
+    if not np.isfinite(hi - lo) or hi - lo <= 0:
+        return np.zeros_like(m)
+    return (m - lo) / (hi - lo)
+
+
+def class_activation_map(model, array: np.ndarray, class_index: int) -> np.ndarray:
+    """The normalised (h, w) map of one class for one (S, S) input (constant map -> zeros)."""
+    maps = model.run(np.asarray(array, np.float32)[None], ["class_maps"])
+    if "class_maps" not in maps:
+        raise ModelDirError(f"{model.directory}: model.onnx has no 'class_maps' output (retrain with this cxrlab)")
+    return _normalise(maps["class_maps"][0, class_index])
+
+
+def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an (h, w) map to (H, W) with Pillow's float mode."""
+    from PIL import Image
+
+    h, w = shape
+    return np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR),
+                      dtype=np.float32)
+
+
+def explain_array(model, array: np.ndarray, pixels: np.ndarray, name: str, decoded=None,
+                  *, class_label: str | None = None) -> Heatmap:
+    pred = model.predict_arrays([array], [decoded] if decoded is not None else None, names=[name])[0]
+    label = class_label or pred.label or max(pred.scores, key=pred.scores.get)
+    if label not in model.labels:
+        raise DataError(f"unknown class {label!r}; the model's classes are {', '.join(model.labels)}")
+    cam = class_activation_map(model, array, model.labels.index(label))
+    return Heatmap(name, label, pred.scores[label], cam, upsample(cam, pixels.shape))
+
+
+def _load(model, data: bytes, name: str):
+    return prepare(data, model.input_size, name)
+
+
+def explain_file(model, path, *, class_label: str | None = None) -> Heatmap:
+    """Heatmap of the model's decision (argmax when rejected as OOD), or of ``class_label``."""
+    array, img = _load(model, read_file(path), str(path))
+    return explain_array(model, array, img.pixels, str(path), img, class_label=class_label)
+
+
+def overlay_png(heatmap: Heatmap, pixels: np.ndarray) -> bytes:
+    """The gray image at its own resolution, the jet heatmap (alpha 0.4) on top, a colorbar, a caption."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    H, W = pixels.shape
+    dpi = 100
+    fig_w, fig_h = W / dpi * 1.25 + 0.2, H / dpi + 0.6
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([0.1 / fig_w, 0.1 / fig_h, W / dpi / fig_w, H / dpi / fig_h])
+    ax.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    im = ax.imshow(heatmap.full, cmap="jet", alpha=0.4, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    cax = fig.add_axes([(0.1 + W / dpi * 1.05) / fig_w, 0.1 / fig_h, min(0.15, W / dpi * 0.05) / fig_w,
+                        H / dpi / fig_h])
+    fig.colorbar(im, cax=cax)
+    fig.text(0.5, 1 - 0.25 / fig_h, f"{heatmap.label} (score = {heatmap.score:.5f})",
+             ha="center", va="center", fontsize=max(6, min(16, W / 30)))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def heatmap_png(model, data: bytes, name: str) -> bytes | None:
+    """For serve: decode uploaded bytes, explain the decision, return the overlay PNG (None if unreadable)."""
+    try:
+        array, img = _load(model, data, name)
+    except ImageError:
+        return None
+    return overlay_png(explain_array(model, array, img.pixels, name, img), img.pixels)
+
+
+def explain_paths(model, paths, output_dir: str | os.PathLike) -> list[Heatmap]:
+    """Write <stem>.png (overlay) and <stem>.npy (the raw (h, w) map) per readable image."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = expand_paths(paths if isinstance(paths, (list, tuple)) else [paths])
+    results = []
+    for path in files:
+        try:
+            array, img = _load(model, read_file(path), path)
+        except ImageError:
+            continue
+        hm = explain_array(model, array, img.pixels, path, img)
+        stem = Path(path).stem
+        (out / f"{stem}.png").write_bytes(overlay_png(hm, img.pixels))
+        np.save(out / f"{stem}.npy", hm.cam, allow_pickle=False)
+        results.append(hm)
+    return results
+
+
+def border_heat_share(cam: np.ndarray, border: float = 0.15) -> float:
+    """Share of the total heat in the outer band (``border`` of each side)."""
+    cam = np.clip(np.asarray(cam, np.float64), 0, None)
+    h, w = cam.shape
+    bh, bw = max(1, int(round(h * border))), max(1, int(round(w * border)))
+    total = cam.sum()
+    if total <= 0:
+        return 0.0
+    inner = cam[bh:h - bh, bw:w - bw].sum() if h > 2 * bh and w > 2 * bw else 0.0
+    return float((total - inner) / total)
+
+
+def summary(heatmaps) -> dict:
+    """Mean/median border heat share; ``flag`` when the mean is above one half."""
+    shares = [border_heat_share(h.full if h.full is not None else h.cam) for h in heatmaps]
+    if not shares:
+        return {"n": 0, "mean_border_share": None, "median_border_share": None, "flag": False}
+    mean = float(np.mean(shares))
+    return {"n": len(shares), "mean_border_share": mean, "median_border_share": float(np.median(shares)),
+            "flag": mean > 0.5}
