@@ -83,7 +83,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["train", "predict", "evaluate", "ood-check", "datasets", "serve", "explain"])
+@pytest.mark.parametrize("cmd", ["train", "predict", "evaluate", "ood-check", "datasets", "serve", "explain", "cv"])
 def test_every_command_has_help_with_example(cmd):
     out = subprocess.run([sys.executable, "-m", "cxrlab", cmd, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "example: cxrlab" in out.stdout
@@ -106,3 +106,16 @@ def test_retrain_and_label_image_with_tutorial_flags(trained, tmp_path, capsys):
                              "--input_layer", "Mul", "--output_layer", "final_result"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(("normal (score = ", "abnormal (score = "))
+
+
+def test_cv_reports_mean_and_sd(trained, capsys):
+    from cxrlab.crossval import assign_folds, cross_validate
+
+    root, _, _ = trained
+    r = cross_validate(root, folds=3)
+    assert len(r["folds"]) == 3 and sum(f["n"] for f in r["folds"]) == 60
+    assert 0.5 < r["summary"]["auc"]["mean"] <= 1 and r["summary"]["auc"]["sd"] >= 0
+    folds = assign_folds(["a", "a", "b", "c", "d"], ["x", "x", "x", "y", "y"], 2)
+    assert folds[0] == folds[1]  # one group, one fold
+    assert main(["cv", str(root), "--folds", "3"]) == 0
+    assert "auc" in capsys.readouterr().out

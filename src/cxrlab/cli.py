@@ -15,6 +15,7 @@ EPILOG = {
     "train": "example: cxrlab train lungs/ --output models/tb",
     "predict": "example: cxrlab predict --model models/tb CHNCXR_0327_1.jpg",
     "evaluate": "example: cxrlab evaluate --model models/tb other_hospital/ --output eval/",
+    "cv": "example: cxrlab cv lungs/ --folds 5",
     "ood-check": "example: cxrlab ood-check --model models/tb cow.jpg lungs/normal/",
     "datasets": "example: cxrlab datasets download shenzhen data/shenzhen",
     "serve": "example: cxrlab serve --model models/tb --port 8000",
@@ -168,6 +169,23 @@ def run_evaluate(a) -> int:
     return 0
 
 
+def run_cv(a) -> int:
+    from .crossval import cross_validate
+    from .fsutil import atomic_write_bytes
+    from .progress import TqdmProgress
+
+    r = cross_validate(a.image_dir, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
+                       group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress())
+    for row in r["folds"]:
+        print(f"fold {row['fold']}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
+              f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")
+    for key, s in r["summary"].items():
+        print(f"{key:12} {s['mean']:.3f} ± {s['sd']:.3f}")
+    if a.output:
+        atomic_write_bytes(Path(a.output) / "metrics.json", json.dumps(r, indent=2).encode())
+    return 0
+
+
 def run_ood_check(a) -> int:
     from .predict import load_model
 
@@ -242,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-from-name", metavar="REGEX")
     p.add_argument("--output", "-o", help="folder for metrics.json, predictions.csv, report.html")
     p.add_argument("--no-ood", action="store_true")
+    p = command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings")
+    p.add_argument("image_dir", metavar="IMAGE_DIR")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--label-from-name", metavar="REGEX")
+    p.add_argument("--group-regex")
+    p.add_argument("--positive-label", default="abnormal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", help="folder for metrics.json")
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("paths", nargs="+", metavar="PATH")
