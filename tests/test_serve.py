@@ -253,6 +253,29 @@ def test_heatmap_when_explain_is_available(model, monkeypatch):
     assert r.status_code == 200 and r.json()["results"][0]["heatmap_png"] is None
 
 
+def test_heatmap_query_parameter(model, monkeypatch):
+    calls = []
+
+    def fake(m, data, name):
+        calls.append(name)
+        return b"\x89PNG fake"
+
+    monkeypatch.setattr(serve_mod, "_load_heatmapper", lambda: fake)
+    c = TestClient(serve_mod.create_app(model))
+    png = ("a.png", image_bytes("PNG"), "image/png")
+    for query in ("?heatmap=0", "?heatmap=false"):
+        r = c.post("/api/predict" + query, files=[("files", png)])
+        assert r.status_code == 200, r.text
+        check_result(r.json()["results"][0], "a.png")
+        assert r.json()["results"][0]["heatmap_png"] is None
+    assert calls == []
+    for query in ("", "?heatmap=1"):  # on by default
+        r = c.post("/api/predict" + query, files=[("files", png)]).json()["results"][0]
+        assert base64.b64decode(r["heatmap_png"]) == b"\x89PNG fake"
+    assert calls == ["a.png", "a.png"]
+    assert c.post("/api/predict?heatmap=maybe", files=[("files", png)]).status_code == 422
+
+
 def test_ood_verdict(model):
     pred = Prediction("x", {"abnormal": 0.9, "normal": 0.1}, None, 0.9, 0.5, True, 8.31, 3.1)
     assert serve_mod.verdict(model, pred) == \

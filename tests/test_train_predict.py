@@ -83,7 +83,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["train", "predict", "evaluate", "ood-check", "datasets", "serve", "explain", "cv"])
+@pytest.mark.parametrize("cmd", ["train", "predict", "evaluate", "ood-check", "datasets", "serve", "explain", "cv", "compare"])
 def test_every_command_has_help_with_example(cmd):
     out = subprocess.run([sys.executable, "-m", "cxrlab", cmd, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "example: cxrlab" in out.stdout

@@ -52,3 +52,62 @@ def distorted_embeddings(embedder: Embedder, paths, y: np.ndarray, *, copies: in
     if not vectors:
         return np.zeros((0, embedder.backbone.spec.embed_dim), np.float32), np.zeros(0, np.int64)
     return np.concatenate(vectors), np.array(labels, np.int64)
+
+
+def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf), np.float32) / 255.0
+
+
+def _lowres(pixels: np.ndarray, side: int) -> np.ndarray:
+    h, w = pixels.shape
+    return resize(resize(pixels, (max(8, side * h // max(h, w)), max(8, side * w // max(h, w)))), (h, w))
+
+
+# How hospitals' X-rays differ from one another; used to widen what the OOD gate calls genuine.
+SITE_SHIFTS = {
+    "contrast_low": lambda p: (p - 0.5) * 0.6 + 0.5,
+    "contrast_high": lambda p: (p - 0.5) * 1.5 + 0.5,
+    "bright": lambda p: p * 1.3,
+    "dark": lambda p: p * 0.7,
+    "gamma_low": lambda p: p**0.6,
+    "gamma_high": lambda p: p**1.6,
+    "lowres": lambda p: _lowres(p, 96),
+    "jpeg": lambda p: _jpeg(p, 25),
+}
+
+
+def site_shift_embeddings(embedder: Embedder, paths, digests: list[bytes], *, store=None,
+                          shifts=tuple(SITE_SHIFTS), progress: Progress | None = None) -> np.ndarray:
+    """Embeddings of each image under each site shift, cached under keys derived from the image digest."""
+    import hashlib
+
+    progress = resolve(progress)
+    progress.start(len(paths) * len(shifts), "embedding site-shifted copies")
+    size = embedder.size
+    out = []
+    for path, digest in zip(paths, digests):
+        keys = [hashlib.sha256(digest + f"shift:{name}".encode()).digest() for name in shifts]
+        cached = store.get_many(keys) if store is not None else [None] * len(keys)
+        if any(v is None for v in cached):
+            try:
+                _, img = prepare(read_file(path), size, str(path))
+            except ImageError:
+                progress.advance(len(shifts))
+                continue
+            missing = [i for i, v in enumerate(cached) if v is None]
+            arrays = [resize(np.clip(SITE_SHIFTS[shifts[i]](img.pixels), 0, 1).astype(np.float32), size) for i in missing]
+            vectors = embedder.embed_arrays(arrays)
+            if store is not None:
+                store.put_many([keys[i] for i in missing], vectors)
+            for i, v in zip(missing, vectors):
+                cached[i] = v
+        out.extend(cached)
+        progress.advance(len(shifts))
+    progress.close()
+    return np.stack(out) if out else np.zeros((0, embedder.backbone.spec.embed_dim), np.float32)

@@ -183,6 +183,8 @@ class Backbone:
     onnx_path: Path
     weights_sha256: str
     outputs: tuple[str, ...]
+    precision: str = "fp32"
+    calibration_sha256: str | None = None  # the images an int8 graph was calibrated on
 
     @property
     def id(self) -> str:
@@ -192,6 +194,8 @@ class Backbone:
         """Identity of embeddings made by this backbone (cache namespace)."""
         ident = {"backbone": self.spec.name, "weights": self.weights_sha256, "export": EXPORT_VERSION,
                  "preprocessing": self.spec.preprocessing()}
+        if self.precision != "fp32":
+            ident.update(precision=self.precision, calibration=self.calibration_sha256)
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 

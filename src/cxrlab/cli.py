@@ -20,6 +20,8 @@ EPILOG = {
     "datasets": "example: cxrlab datasets download shenzhen data/shenzhen",
     "serve": "example: cxrlab serve --model models/tb --port 8000",
     "explain": "example: cxrlab explain --model models/tb lungs/abnormal --output heatmaps/ --summary",
+    "compare": "example: cxrlab compare runs/a/model eval/other --output cmp/",
+    "site-shift": "example: cxrlab site-shift --model models/tb lungs_test/",
 }
 
 
@@ -56,6 +58,11 @@ def add_train_options(p) -> None:
     _flag(p, "random_brightness", type=float, default=0.0)
     _flag(p, "no_ood", action="store_true", help="do not fit the out-of-distribution gate")
     _flag(p, "no_report", action="store_true", help="do not write report.html")
+    _flag(p, "fine_tune", action="store_true", help="fine-tune the backbone end to end in torch (slower, more accurate)")
+    _flag(p, "epochs", type=int, default=8, help="fine-tuning epochs (with --fine-tune)")
+    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fine-tuning choice, e.g. lr=1e-4, intensity=window, input_size=299, augment.gamma=0.3 "
+                        "(see cxrlab.finetune.FineTuneOptions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", "-q", action="store_true")
 
@@ -83,9 +90,33 @@ def run_train(a) -> int:
               positive_label=a.positive_label, operating_point=a.operating_point, flip_left_right=a.flip_left_right,
               random_crop=a.random_crop, random_scale=a.random_scale, random_brightness=a.random_brightness,
               ood=not a.no_ood, report=not a.no_report, seed=a.seed,
-              on_step=None if a.quiet else print_step, progress=None if a.quiet else TqdmProgress())
+              on_step=None if a.quiet else print_step, progress=None if a.quiet else TqdmProgress(),
+              **_fine_tune_args(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
     return 0
+
+
+def _fine_tune_args(a) -> dict:
+    if not getattr(a, "fine_tune", False):
+        if getattr(a, "ft", None):
+            raise CxrlabError("--ft options need --fine-tune")
+        return {}
+    from .finetune import FineTuneOptions
+
+    options = FineTuneOptions(epochs=a.epochs)
+    for item in a.ft:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CxrlabError(f"--ft {item!r}: expected KEY=VALUE")
+        options.set(key.strip(), value.strip())
+
+    def on_epoch(row):
+        if not a.quiet:
+            auc = f", validation AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else ""
+            print(f"Epoch {row['epoch']}: loss {row['loss']:.4f}{auc}{' (best so far)' if row.get('best') else ''}",
+                  flush=True)
+
+    return {"fine_tune": True, "epochs": a.epochs, "fine_tune_options": options, "on_epoch": on_epoch}
 
 
 def render_train_result(r, *, print_misclassified: bool = False) -> None:
@@ -101,6 +132,12 @@ def render_train_result(r, *, print_misclassified: bool = False) -> None:
         print(f"Test ROC AUC = {test['auc']:.3f} [{lo:.3f}-{hi:.3f}]")
     if "who_verdict" in test:
         print(test["who_verdict"])
+    heat = r.metrics.get("heatmaps") or {}
+    if heat.get("mean_border_share") is not None:
+        print(f"Border heat share: mean {heat['mean_border_share'] * 100:.1f}% (n={heat['n']})")
+        if heat.get("flag"):
+            print("warning: the model's heat sits mostly on the image border, where hospitals print text "
+                  "markers: it may be using a shortcut (see 'Where the model looked' in report.html)", file=sys.stderr)
     print(f"Embedding cache: {r.cache_hits} hit(s), {r.cache_misses} miss(es)")
     for note in r.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -114,7 +151,7 @@ def render_train_result(r, *, print_misclassified: bool = False) -> None:
 def render_prediction_text(p, top_k: int | None = None, header: bool = False) -> list[str]:
     lines = [f"{p.path}:"] if header else []
     if p.error:
-        return lines + [f"error: {p.error}"]
+        return lines + [f"error: {p.error}" if header else f"error: {p.path}: {p.error}"]
     if p.ood:
         lines.append(f"unknown (not a chest X-ray like the training images: ood score {p.ood_score:.1f} > {p.ood_threshold:.1f})")
     for label, score in p.ranked()[:top_k]:
@@ -164,6 +201,10 @@ def run_evaluate(a) -> int:
             print(f"{name:16} " + " ".join(f"{v:6.3f}" if isinstance(v, float) else f"{'-':>6}" for v in vals))
     if "who_verdict" in m["all"]:
         print(m["all"]["who_verdict"])
+    if r.skipped:
+        print(f"Skipped {len(r.skipped)} unreadable file(s):", file=sys.stderr)
+        for path, reason in r.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
     if r.output_dir:
         print(f"Report written to {r.output_dir / 'report.html'}")
     return 0
@@ -217,8 +258,13 @@ def run_explain(a) -> int:
     from .explain import explain_paths, summary
     from .predict import load_model
 
-    heatmaps = explain_paths(load_model(a.model), a.paths, a.output)
+    skipped: list[tuple[str, str]] = []
+    heatmaps = explain_paths(load_model(a.model), a.paths, a.output, skipped=skipped)
     print(f"{len(heatmaps)} heatmap(s) written to {a.output}")
+    if skipped:
+        print(f"Skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        for path, reason in skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
     if a.summary and heatmaps:
         s = summary(heatmaps)
         m = s["mean_border_share"]
@@ -227,6 +273,31 @@ def run_explain(a) -> int:
             print("warning: most of the heat is in the image border: the model may be looking at text markers "
                   "or borders rather than the lungs")
     return 0 if heatmaps else 1
+
+
+def run_compare(a) -> int:
+    from .compare import compare, format_table
+
+    r = compare(a.dirs, output=a.output, names=a.names)
+    print("\n".join(format_table(r)))
+    for note in r["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    if a.output:
+        print(f"Comparison written to {Path(a.output) / 'compare.html'}")
+    return 0
+
+
+def run_site_shift(a) -> int:
+    from .predict import load_model
+    from .siteshift import format_rows, site_shift_folder
+
+    rows = site_shift_folder(load_model(a.model), a.data, label_from_name=a.label_from_name)
+    print("\n".join(format_rows(rows)))
+    if a.output:
+        from .fsutil import atomic_write_bytes
+
+        atomic_write_bytes(Path(a.output), json.dumps(rows, indent=2).encode())
+    return 0
 
 
 def run_serve(a) -> int:
@@ -284,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--output", "-o", required=True, metavar="OUT_DIR")
     p.add_argument("--summary", action="store_true", help="print the share of heat in the image border")
+    p = command("compare", run_compare, "tabulate metrics and overlay the ROC curves of several runs or evaluations")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="a 'train --output' model dir or an 'evaluate --output' dir")
+    p.add_argument("--output", "-o", help="folder for compare.html and compare.json")
+    p.add_argument("--names", help="comma-separated names for the rows, one per DIR")
+    p = command("site-shift", run_site_shift, "AUC and sens/spec at the stored operating point under simulated hospital differences")
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
+    p.add_argument("--label-from-name", metavar="REGEX")
+    p.add_argument("--output", "-o", help="write the rows as JSON to this file")
     p = command("serve", run_serve, "a local web page and REST API")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--host", default="127.0.0.1")

@@ -18,6 +18,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
 )
 MAX_PIXELS: int = 120_000_000
+NOT_REGULAR = "not a regular file (a FIFO, socket or device); give an image file"
 
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -53,6 +54,8 @@ def looks_like_image_file(path: str | os.PathLike) -> bool:
         return True
     # DICOM files are often named by UID ("1.2.840.5"), so a numeric suffix counts as none.
     if suffix and not suffix[1:].isdigit():
+        return False
+    if not os.path.isfile(path):  # a FIFO or device: opening it could block forever
         return False
     try:
         with open(path, "rb") as f:
@@ -109,6 +112,8 @@ def resize(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def _read(path: str) -> bytes:
     if os.path.isdir(path):
         raise ImageError(path, "is a directory, not an image file")
+    if os.path.exists(path) and not os.path.isfile(path):  # reading a FIFO would block forever
+        raise ImageError(path, NOT_REGULAR)
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:

@@ -41,9 +41,11 @@ class Dataset:
 def _walk_images(root: Path):
     """Yield image files under root in sorted order, skipping hidden entries and symlink loops."""
     seen_dirs = set()
+    top = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen_dirs:
+        # A link to an ancestor ('up -> ..') is a loop that would list other classes' images under this one.
+        if real in seen_dirs or (real != top and top.startswith(real.rstrip(os.sep) + os.sep)):
             dirnames[:] = []
             continue
         seen_dirs.add(real)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .backbones import Backbone
 from .cache import EmbeddingStore
-from .decode import DecodedImage, decode_image, resize
+from .decode import NOT_REGULAR, DecodedImage, decode_image, resize
 from .errors import ImageError
 from .progress import Progress, resolve
 
@@ -60,7 +60,9 @@ def read_file(path: str | os.PathLike) -> bytes:
     p = Path(path)
     try:
         if p.is_dir():
-            raise ImageError(p, "is a directory, not an image file")
+            raise ImageError(p, "is a folder with no image files in it (JPEG, PNG, BMP, TIFF, WebP, GIF, DICOM)")
+        if p.exists() and not p.is_file():  # reading a FIFO would block forever
+            raise ImageError(p, NOT_REGULAR)
         return p.read_bytes()
     except ImageError:
         raise

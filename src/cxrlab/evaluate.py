@@ -80,7 +80,8 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
                 for t, p in zip(truth, preds)]
         write_evaluation(Path(output), title=f"Evaluation of {model.directory} on {data_dir}", rows=rows,
                          labels=model.labels, positive_label=model.positive_label, threshold=model.threshold,
-                         metrics=metrics["all"], rejected=[(p.path, p.ood_score) for p in preds if p.ood],
+                         metrics={**metrics["all"], "positive_label": model.positive_label},  # for compare
+                         rejected=[(p.path, p.ood_score) for p in preds if p.ood],
                          reference_metrics=metrics["internal_test"],
                          notes=[f"{path}: {reason}" for path, reason in skipped])
         result.output_dir = Path(output)

@@ -107,19 +107,28 @@ def heatmap_png(model, data: bytes, name: str) -> bytes | None:
     return overlay_png(explain_array(model, array, img.pixels, name, img), img.pixels)
 
 
-def explain_paths(model, paths, output_dir: str | os.PathLike) -> list[Heatmap]:
-    """Write <stem>.png (overlay) and <stem>.npy (the raw (h, w) map) per readable image."""
+def explain_paths(model, paths, output_dir: str | os.PathLike, *,
+                  skipped: list[tuple[str, str]] | None = None) -> list[Heatmap]:
+    """Write <stem>.png (overlay) and <stem>.npy (the raw (h, w) map) per readable image
+    (<stem>-2... when two files share a name); unreadable files go to ``skipped`` as (path, reason)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = expand_paths(paths if isinstance(paths, (list, tuple)) else [paths])
     results = []
+    used: set[str] = set()
     for path in files:
         try:
             array, img = _load(model, read_file(path), path)
-        except ImageError:
+        except ImageError as exc:
+            if skipped is not None:
+                skipped.append((path, exc.reason))
             continue
         hm = explain_array(model, array, img.pixels, path, img)
-        stem = Path(path).stem
+        stem, n = Path(path).stem, 1
+        while stem in used:
+            n += 1
+            stem = f"{Path(path).stem}-{n}"
+        used.add(stem)
         (out / f"{stem}.png").write_bytes(overlay_png(hm, img.pixels))
         np.save(out / f"{stem}.npy", hm.cam, allow_pickle=False)
         results.append(hm)

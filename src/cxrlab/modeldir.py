@@ -26,6 +26,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _info_digest(info: dict) -> str:
+    """SHA-256 of cxrlab.json's content without its own ``info_sha256`` (canonical JSON)."""
+    body = {k: v for k, v in info.items() if k != "info_sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
 def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[str], info: dict,
                arrays: dict[str, bytes] | None = None) -> Path:
     """Write a complete model directory atomically (a half-written one never appears)."""
@@ -34,6 +40,7 @@ def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[
     files = {MODEL_FILE: onnx_bytes, LABELS_FILE: ("\n".join(labels) + "\n").encode("utf-8"), **(arrays or {})}
     info = {"schema_version": SCHEMA_VERSION, **info, "labels": list(labels),
             "files": {name: _sha256(data) for name, data in sorted(files.items())}}
+    info["info_sha256"] = _info_digest(info)
     files[INFO_FILE] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
@@ -67,6 +74,9 @@ def read_model_dir(directory: str | os.PathLike) -> tuple[dict, list[str], bytes
     if version != SCHEMA_VERSION:
         raise ModelDirError(f"{directory}: schema_version {version!r} is not supported by this cxrlab "
                             f"(supports {SCHEMA_VERSION}); upgrade cxrlab or retrain the model")
+    if "info_sha256" in info and info["info_sha256"] != _info_digest(info):
+        raise ModelDirError(f"{directory / INFO_FILE}: content differs from the SHA-256 recorded at save time; "
+                            "the file was edited or damaged. Retrain or restore the model.")
     blobs = {}
     for name, digest in info.get("files", {}).items():
         try:

@@ -39,10 +39,13 @@ def expand_paths(paths) -> list[str]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
+            found = len(out)
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 out.extend(str(Path(dirpath) / f) for f in sorted(filenames)
                            if not f.startswith(".") and looks_like_image_file(Path(dirpath) / f))
+            if len(out) == found:  # kept, so that it is reported ("folder with no image files")
+                out.append(str(p))
         else:
             out.append(str(p))
     return out

@@ -21,6 +21,12 @@ __all__ = ["write_run_report", "write_evaluation", "write_report_html"]
 MAX_THUMBS = 40
 THUMB_PX = 128
 N_BOOT = 200
+HEAT_WRONG = 12       # overlays of misclassified test images
+HEAT_CONFIDENT = 3    # overlays of the most confident correct test images, per class
+HEAT_PX = 384         # overlays are drawn on the image shrunk to this long side
+HEAT_SUMMARY_MAX = 300  # test images whose maps enter the border-heat summary
+BORDER_WARNING = ("the model's heat sits mostly on the image border, where hospitals print text markers: "
+                  "it may be using a shortcut")
 
 _CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Arial,sans-serif;margin:1.5em auto;
 max-width:1100px;padding:0 1em;color:#222;line-height:1.4}h1{margin-bottom:.2em}
@@ -31,7 +37,10 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .meets{background:#e3f4e1;border:1px solid #3c8d3a}.fails{background:#fbe4e1;border:1px solid #c0392b}
 .na{background:#eef1f5;border:1px solid #8899aa}.plots,.thumbs{display:flex;flex-wrap:wrap;gap:12px}
 img.plot{border:1px solid #ddd;max-width:100%}figure{margin:0;text-align:center;font-size:.8em;width:150px}
-img.thumb{border:1px solid #999;display:block;margin:0 auto}.muted{color:#666}"""
+img.thumb{border:1px solid #999;display:block;margin:0 auto}.muted{color:#666}
+.overlays{display:flex;flex-wrap:wrap;gap:12px}.overlays figure{width:auto;max-width:360px}
+img.overlay{border:1px solid #999;display:block;margin:0 auto;max-width:100%}
+.warning{background:#fff3cd;border:1px solid #d39e00;padding:.7em 1em;border-radius:6px;margin:1em 0;font-weight:600}"""
 
 
 # ----------------------------------------------------------------- entry points
@@ -59,6 +68,7 @@ def write_run_report(result, image_dir, *, entries, probs_by_relpath, info) -> N
     curve = metrics.get("training_curve")
     metrics["operating_point"] = op
     metrics["calibration"] = info.get("calibration")
+    metrics["positive_label"] = positive if binary else None
     notes = [f"skipped {s.path}: {s.reason}" for s in (result.skipped or [])]
     notes += [str(n) for n in (result.notes or [])]
     summary = [f"Backbone: {(info.get('backbone') or {}).get('id', '?')}"]
@@ -68,14 +78,20 @@ def write_run_report(result, image_dir, *, entries, probs_by_relpath, info) -> N
     if op:
         summary.append(f"Operating point: {op.get('rule')} at threshold {_num(threshold, 4)} "
                        "(chosen on the validation split)")
+    heat = _run_heatmaps(getattr(result, "model_dir", None), image_dir, rows, labels, notes)
+    if heat is not None:
+        metrics["heatmaps"] = heat["summary"]
+        if isinstance(getattr(result, "metrics", None), dict):
+            result.metrics["heatmaps"] = heat["summary"]
     write_evaluation(result.run_dir, title=f"cxrlab training run: {Path(result.run_dir).name}", rows=rows,
                      labels=labels, positive_label=positive if binary else None, threshold=threshold,
-                     metrics=metrics, training_curve=curve, notes=notes, summary=summary, image_root=image_dir)
+                     metrics=metrics, training_curve=curve, notes=notes, summary=summary, image_root=image_dir,
+                     heatmaps=heat)
 
 
 def write_evaluation(output_dir, *, title, rows, labels, positive_label, threshold, metrics,
                      training_curve=None, rejected=None, reference_metrics=None, notes=(),
-                     summary=(), image_root=None) -> None:
+                     summary=(), image_root=None, heatmaps=None) -> None:
     """Write metrics.json, predictions.csv and report.html into ``output_dir``.
 
     ``rows``: dicts with path, true_label, scores (aligned with ``labels``), predicted_label,
@@ -88,13 +104,17 @@ def write_evaluation(output_dir, *, title, rows, labels, positive_label, thresho
     write_report_html(out / "report.html", title=title, rows=rows, labels=labels,
                       positive_label=positive_label, threshold=threshold, report=_report_of(metrics),
                       reference=_report_of(reference_metrics), training_curve=training_curve,
-                      rejected=rejected, notes=notes, summary=summary, image_root=image_root)
+                      rejected=rejected, notes=notes, summary=summary, image_root=image_root,
+                      heatmaps=heatmaps)
 
 
 def write_report_html(path, *, title, rows, labels, positive_label=None, threshold=None, report=None,
                       reference=None, training_curve=None, rejected=None, notes=(), summary=(),
-                      image_root=None) -> None:
-    """Render the self-contained HTML report (plots and thumbnails as base64 PNG data URIs)."""
+                      image_root=None, heatmaps=None) -> None:
+    """Render the self-contained HTML report (plots and thumbnails as base64 PNG data URIs).
+
+    ``heatmaps``: as returned by ``_run_heatmaps`` (a border-heat summary and overlay groups), or None.
+    """
     labels = list(labels)
     binary = _is_binary(labels, positive_label, threshold)
     notes = [str(n) for n in notes]
@@ -129,6 +149,8 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
         parts.append("<section><h2>Plots</h2><div class='plots'>")
         parts += [f"<img class='plot' src='{_uri(png)}' alt='{e(alt)}'>" for alt, png in plots]
         parts.append("</div></section>")
+    if heatmaps:
+        parts.append(_heatmap_section(heatmaps))
 
     pos = labels.index(positive_label) if binary else None
     wrong = [r for r in known if r.get("correct") is False]
@@ -279,6 +301,16 @@ def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _jpeg_uri(png: bytes, quality: int = 88) -> str:
+    """Overlays are photographic: as JPEG they are about 1/6 of the PNG and look the same."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as im:
+        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _thumb_figure(path, caption, image_root, notes) -> str:
     p = Path(path)
     if not p.is_absolute() and image_root is not None:
@@ -301,6 +333,120 @@ def _thumb_figure(path, caption, image_root, notes) -> str:
         img = "<div class='muted'>(no thumbnail)</div>"
     short = "/".join(Path(str(path)).parts[-2:])
     return f"<figure>{img}<figcaption>{e(short)}<br>{e(caption)}</figcaption></figure>"
+
+
+# ----------------------------------------------------------------- heatmaps
+def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
+    """Class activation maps of the test rows: a border-heat summary over (up to HEAT_SUMMARY_MAX of) them
+    and overlays of the misclassified and of the most confident correct images of each class.
+
+    Each map explains the row's predicted class. Returns None when there is no saved model or no test row.
+    """
+    import time
+
+    test = [r for r in rows if r.get("split") == "test" and r.get("true_label") in labels
+            and r.get("predicted_label") in labels]
+    if model_dir is None or not test or not (Path(model_dir) / "model.onnx").is_file():
+        return None
+    started = time.perf_counter()
+    from . import explain
+    from .decode import resize
+    from .embed import prepare, read_file
+    from .predict import load_model
+
+    def score(r, lab):
+        return r["scores"][labels.index(lab)]
+
+    wrong = [r for r in test if not r["correct"]]
+    wrong.sort(key=lambda r: -score(r, r["predicted_label"]))  # most confidently wrong first
+    groups = [(f"Misclassified test images ({len(wrong)}; showing up to {HEAT_WRONG})", wrong[:HEAT_WRONG])]
+    for lab in labels:
+        right = sorted((r for r in test if r["correct"] and r["true_label"] == lab), key=lambda r: -score(r, lab))
+        groups.append((f"Most confident correct: {lab}", right[:HEAT_CONFIDENT]))
+    shown = {id(r) for _, g in groups for r in g}
+    # The summary covers every test image up to a cap; the ones with overlays are always in it.
+    rest = [r for r in test if id(r) not in shown]
+    step = max(1, len(rest) // max(1, HEAT_SUMMARY_MAX - len(shown)))
+    todo = [r for r in test if id(r) in shown] + rest[::step][:max(0, HEAT_SUMMARY_MAX - len(shown))]
+    try:
+        model = load_model(model_dir)
+    except CxrlabError as exc:
+        notes.append(f"no heatmaps: {exc}")
+        return None
+    if "class_maps" not in model.output_names:
+        notes.append(f"no heatmaps: {model_dir}/model.onnx has no 'class_maps' output")
+        return None
+    heat, small = {}, {}
+    batch = 16
+    for i in range(0, len(todo), batch):
+        chunk, arrays = [], []
+        for r in todo[i : i + batch]:
+            p = Path(r["path"])
+            if not p.is_absolute() and image_root is not None:
+                p = Path(image_root) / p
+            try:
+                array, img = prepare(read_file(p), model.input_size, str(p))
+            except (CxrlabError, OSError, ValueError) as exc:
+                notes.append(f"no heatmap for {r['path']}: {exc}")
+                continue
+            px = img.pixels
+            k = HEAT_PX / max(px.shape)
+            if k < 1:  # overlays are drawn on a shrunk copy: small HTML, fast drawing
+                px = resize(px, (max(1, round(px.shape[0] * k)), max(1, round(px.shape[1] * k))))
+            chunk.append(r)
+            arrays.append(array)
+            small[id(r)] = px
+        if not chunk:
+            continue
+        maps = model.run(np.stack(arrays), ["class_maps"])["class_maps"]
+        for j, r in enumerate(chunk):
+            lab = r["predicted_label"]
+            cam = explain._normalise(maps[j, labels.index(lab)])
+            heat[id(r)] = explain.Heatmap(r["path"], lab, score(r, lab), cam,
+                                          explain.upsample(cam, small[id(r)].shape))
+    summ = explain.summary([heat[id(r)] for r in todo if id(r) in heat])
+    summ["n_test"] = len(test)
+    out_groups = []
+    for title, group in groups:
+        figs = []
+        for r in group:
+            if id(r) not in heat:
+                continue
+            png = explain.overlay_png(heat[id(r)], small[id(r)])
+            cap = (f"true {r['true_label']}, predicted {r['predicted_label']}; "
+                   f"map of '{r['predicted_label']}', score {score(r, r['predicted_label']):.3f}; "
+                   f"border heat {100 * explain.border_heat_share(heat[id(r)].full):.0f}%")
+            figs.append((r["path"], cap, png))
+        out_groups.append((title, figs))
+    # Timing stays out of the summary (it goes to metrics.json, which must be identical across runs).
+    return {"summary": summ, "groups": out_groups, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _heatmap_section(heat) -> str:
+    e = html.escape
+    s = heat["summary"]
+    parts = ["<section><h2>Where the model looked</h2>",
+             "<p class='muted'>Class activation maps of the predicted class on test images (red = the regions "
+             "that raised that class's score most; each map is scaled to its own range).</p>"]
+    if s.get("mean_border_share") is None:
+        parts.append(f"<p>Border heat share: n/a (n={s.get('n', 0)})</p>")
+    else:
+        parts.append(f"<p class='border-heat'>Border heat share: mean {100 * s['mean_border_share']:.1f}% "
+                     f"(n={s['n']}); median {100 * s['median_border_share']:.1f}%. The border band (the outer 15% of "
+                     "each side) covers 51% of the image area: a map with no preference scores about 51%.</p>")
+    if s.get("flag"):
+        parts.append(f"<div class='warning'>Warning: {e(BORDER_WARNING)}.</div>")
+    for title, figs in heat["groups"]:
+        if not figs:
+            continue
+        parts.append(f"<h3>{e(title)}</h3><div class='overlays'>")
+        for path, cap, png in figs:
+            short = "/".join(Path(str(path)).parts[-2:])
+            parts.append(f"<figure><img class='overlay' src='{_jpeg_uri(png)}' alt='{e(f'heatmap of {path}: {cap}')}'>"
+                         f"<figcaption>{e(short)}<br>{e(cap)}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------- plots

@@ -27,6 +27,7 @@ from .modeldir import save_model
 from .progress import Progress
 from .split import Manifest, split_samples
 
+OOD_SHIFT_IMAGES = 160  # training images whose site-shifted copies widen the OOD gate's notion of genuine
 FLIP_WARNING = ("--flip_left_right mirrors chest X-rays: the heart and the lungs swap sides, which no real "
                 "PA radiograph shows. Use it only if you know why.")
 
@@ -45,6 +46,7 @@ class TrainResult:
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
     final_test_accuracy: float | None = None
     n_test: int = 0
+    seconds: float | None = None  # wall time; kept out of metrics.json so that it is reproducible
 
 
 def _positive_label(labels: list[str], positive_label: str | None, notes: list[str]) -> str | None:
@@ -92,6 +94,10 @@ def train(
     seed: int = 0,
     on_step: Callable[[StepInfo], None] | None = None,
     progress: Progress | None = None,
+    fine_tune: bool = False,
+    epochs: int = 8,
+    fine_tune_options=None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory."""
     started = time.time()
@@ -127,9 +133,24 @@ def train(
     if len(X_tr) == 0:
         raise DataError(f"{image_dir}: no usable training images after the split (all skipped or in val/test)")
 
+    ft = None
+    if fine_tune:  # end to end in torch; then the same calibration / operating point / OOD / export path
+        from .finetune import FineTuneOptions, fine_tune_stage
+
+        options = fine_tune_options or FineTuneOptions(epochs=epochs)
+        ft = fine_tune_stage(bb, image_dir, rows_tr, y_tr, rows_va, y_va, kept, options=options, seed=seed,
+                             progress=progress, on_epoch=on_epoch)
+        bb, embedder, ok, store = ft.backbone, ft.embedder, ft.vectors, None  # never the frozen cache
+        kept = [e for e in kept if e.relpath in ok]
+        X_tr, y_tr, rows_tr = arrays("train")
+        X_va, y_va, rows_va = arrays("validation")
+        X_te, y_te, rows_te = arrays("test")
+
     distortions = {"flip_left_right": flip_left_right, "random_crop": random_crop,
                    "random_scale": random_scale, "random_brightness": random_brightness}
-    if any(distortions.values()):
+    if ft is not None:
+        X_fit, y_fit = X_tr, y_tr
+    elif any(distortions.values()):
         from .augment import distorted_embeddings
 
         if flip_left_right:
@@ -141,7 +162,9 @@ def train(
         X_fit, y_fit = X_tr, y_tr
 
     C, c_search = (1.0, [])
-    if solver == "lbfgs":
+    if ft is not None:
+        solver = "fine-tune"
+    elif solver == "lbfgs":
         C, c_search = select_C(X_fit, y_fit, X_va, y_va, seed=seed, steps=how_many_training_steps)
     curve: list[dict] = []
 
@@ -150,10 +173,16 @@ def train(
         if on_step is not None:
             on_step(info)
 
-    head = LinearHead(solver=solver, C=C, learning_rate=learning_rate, steps=how_many_training_steps,
-                      batch_size=train_batch_size, eval_step_interval=eval_step_interval,
-                      validation_batch_size=validation_batch_size, seed=seed)
-    head.fit(X_fit, y_fit, X_val=X_va, y_val=y_va, on_step=record)
+    if ft is not None:
+        head = ft.head
+        for row in ft.info["history"][1:]:  # the tutorial's Step lines, one per epoch
+            record(StepInfo(row["epoch"], row["train_accuracy"], row["loss"], row.get("val_accuracy"),
+                            len(y_va), row.get("val_loss")))
+    else:
+        head = LinearHead(solver=solver, C=C, learning_rate=learning_rate, steps=how_many_training_steps,
+                          batch_size=train_batch_size, eval_step_interval=eval_step_interval,
+                          validation_batch_size=validation_batch_size, seed=seed)
+        head.fit(X_fit, y_fit, X_val=X_va, y_val=y_va, on_step=record)
 
     # Calibration and operating point: validation split only, decided before looking at test.
     temperature = 1.0
@@ -224,11 +253,22 @@ def train(
         "metrics": metrics,
         "versions": _versions(),
     }
+    if ft is not None:
+        info["fine_tune"] = ft.info
+        info["head"] = {"type": "linear-softmax", "solver": "fine-tune", "trained_with_backbone": True}
+        if any(distortions.values()):
+            notes.append("fine-tuning uses its own augmentation (--ft augment.*); the tutorial's distortion flags were ignored")
     arrays_out: dict[str, bytes] = {}
     if ood:
         from .ood import fit_gate
 
-        gate = fit_gate(bb, X_tr, X_va)
+        from .augment import site_shift_embeddings
+
+        digest_of = {Path(p).relative_to(image_dir).as_posix(): d for p, d in zip(emb.paths, emb.digests)}
+        sample = rows_tr[:: max(1, len(rows_tr) // OOD_SHIFT_IMAGES)][:OOD_SHIFT_IMAGES]
+        X_shift = site_shift_embeddings(embedder, [image_dir / e.relpath for e in sample],
+                                        [digest_of[e.relpath] for e in sample], store=store, progress=progress)
+        gate = fit_gate(bb, np.concatenate([X_tr, X_shift]), X_va)
         info["ood"], arrays_out = gate.info(), gate.arrays()
     onnx_bytes = fuse_head(bb.onnx_path, head.coef_, head.intercept_, temperature=temperature,
                            metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
@@ -237,7 +277,7 @@ def train(
     result = TrainResult(model_dir, run_dir, labels, metrics, manifest, emb.skipped, notes, emb.hits, emb.misses,
                          misclassified, final_acc, len(X_te))
     result.metrics["training_curve"] = curve
-    result.metrics["seconds"] = round(time.time() - started, 2)
+    result.seconds = round(time.time() - started, 2)
     if report:
         from .report import write_run_report
 

@@ -53,7 +53,7 @@
       images.appendChild(fig);
     }
     if (r.heatmap_png) {
-      const fig = el("figure"), img = el("img", "heatmap");
+      const fig = el("figure", "heatmap-figure"), img = el("img", "heatmap");
       img.alt = "heatmap: regions that raised the score";
       img.src = "data:image/png;base64," + r.heatmap_png;
       fig.append(img, el("figcaption", null, "heatmap overlay"));

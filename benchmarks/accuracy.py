@@ -1,0 +1,230 @@
+"""Accuracy benchmark: k-fold CV on Shenzhen, linear head vs fine-tuned variants, same folds for every variant.
+
+    python benchmarks/accuracy.py ../shared/data/shenzhen --variants linear,plain,best --folds 5 [--run-folds 0,1]
+        [--ft KEY=VALUE ...] [--tta] [--site-shift] [--output results.json]
+
+Folds are crossval.assign_folds (the `cxrlab cv` folds); the inner validation split (head warm-up's C,
+best epoch, temperature, operating point) is a stratified fifth of the training folds, as in `cxrlab cv`.
+Prints per fold and mean ± sd: AUC, accuracy (argmax), sensitivity/specificity at the operating point
+chosen on validation, minutes of training per fold; with --site-shift, the site-shift table per variant
+(test folds, pooled) at each fold's stored operating point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cxrlab.finetune import AugmentConfig, FineTuneOptions  # noqa: E402
+
+VARIANTS = {
+    # The issue's plain fine-tune: AdamW, one-cycle, rotation/scale/brightness, batch 16, no extras.
+    "plain": lambda: FineTuneOptions(
+        lr=1e-3, head_lr_mult=1.0, layer_decay=1.0, warmup_head=False, freeze_bn=False, label_smoothing=0.0,
+        dropout=0.0, patience=0, intensity="none",
+        augment=AugmentConfig(rotate=10, scale=0.1, aspect=0, translate=0, brightness=0.1, contrast=0, gamma=0,
+                              sharpen=0, jpeg=0)),
+    # Everything in FineTuneOptions' defaults (warm-up, layer-wise lr, frozen BN, CXR augmentation, window).
+    "best": lambda: FineTuneOptions(),
+    # CPU-cheap: only the top units train (no backward through the early layers).
+    "top6": lambda: FineTuneOptions(trainable_units=6),
+}
+
+
+def _arrays(pixels, size):
+    from cxrlab.decode import resize
+
+    return np.stack([np.round(resize(p, size) * 255).astype(np.uint8) for p in pixels])
+
+
+def _scores(module, head_W, head_b, X, size, tta=False):
+    import torch
+
+    from cxrlab.finetune import _resize_to, _to_tensor
+
+    W, b = torch.from_numpy(head_W), torch.from_numpy(head_b)
+    out = []
+    module.eval()
+    with torch.no_grad():
+        for i in range(0, len(X), 32):
+            x = _resize_to(_to_tensor(X[i : i + 32]), size)
+            logits = module(x)[0] @ W.T + b
+            if tta:  # average logits over small zooms/rotations (linear head: = averaging embeddings)
+                import torch.nn.functional as F
+
+                views = [logits]
+                for ang, zoom in ((0.0, 1.06), (4.0, 1.0), (-4.0, 1.0)):
+                    a = np.radians(ang)
+                    theta = torch.tensor([[np.cos(a) / zoom, -np.sin(a) / zoom, 0], [np.sin(a) / zoom, np.cos(a) / zoom, 0]],
+                                         dtype=torch.float32).expand(len(x), 2, 3)
+                    g = F.affine_grid(theta, list(x.shape), align_corners=False)
+                    views.append(module(F.grid_sample(x, g, align_corners=False))[0] @ W.T + b)
+                logits = torch.stack(views).mean(0)
+            out.append(logits.numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def run_variant(name, options, pixels, y, fold, inner_val, run_folds, *, seed, tta, site_shift, threads):
+    import torch
+
+    from cxrlab.backbones import _weights_path, get_spec
+    from cxrlab.calibrate import TemperatureScaler, choose_operating_point, softmax
+    from cxrlab.finetune import fine_tune
+    from cxrlab.metrics import binary_report, roc_auc
+    from cxrlab.siteshift import shift_rows
+
+    torch.set_num_threads(threads)
+    base = get_spec("efficientnet-lite0")
+    size = options.input_size or base.input_size
+    X = _arrays(pixels, size)
+    rows, shift_by_fold = [], []
+    for f in run_folds:
+        test = fold == f
+        tr, va = ~test & ~inner_val, ~test & inner_val
+        t0 = time.time()
+        res = fine_tune(base, _weights_path(base), X[tr], y[tr], X[va], y[va], seed=seed, options=copy.deepcopy(options),
+                        on_epoch=lambda r: print(f"  [{name} fold {f}] epoch {r['epoch']}: loss {r['loss']:.3f} "
+                                                 f"val AUC {r.get('val_auc', float('nan')):.3f}", flush=True))
+        minutes = (time.time() - t0) / 60
+        row = {"fold": f, "n": int(test.sum()), "train_minutes": round(minutes, 2), "best_epoch": res.best_epoch,
+               "history": res.history}
+        for use_tta in ([False, True] if tta else [False]):
+            z_va = _scores(res.module, res.head_W, res.head_b, X[va], size, use_tta)
+            z_te = _scores(res.module, res.head_W, res.head_b, X[test], size, use_tta)
+            T = TemperatureScaler().fit(z_va, y[va]).temperature_
+            p_va, p_te = softmax(z_va / T)[:, 1], softmax(z_te / T)[:, 1]
+            op = choose_operating_point(y[va], p_va, "who")
+            rep = binary_report(y[test], p_te, op.threshold)
+            key = "tta" if use_tta else "plain"
+            row[key] = {"auc": roc_auc(y[test], p_te), "accuracy": float(np.mean((p_te >= 0.5) == y[test])),
+                        "sensitivity": rep["sensitivity"], "specificity": rep["specificity"],
+                        "threshold": op.threshold}
+            if not use_tta:
+                row["T"], row["threshold"] = float(T), op.threshold
+        print(f"{name} fold {f}: AUC {row['plain']['auc']:.3f} acc {row['plain']['accuracy']:.3f} "
+              f"sens {row['plain']['sensitivity']:.3f} spec {row['plain']['specificity']:.3f} "
+              + (f"| TTA AUC {row['tta']['auc']:.3f} acc {row['tta']['accuracy']:.3f} " if tta else "")
+              + f"| {minutes:.1f} min training, best epoch {res.best_epoch}", flush=True)
+        if site_shift:
+            idx = np.flatnonzero(test)
+            W, b, T = res.head_W, res.head_b, row["T"]
+
+            def score(batch, module=res.module):
+                z = _scores(module, W, b, batch.astype(np.float32), size)
+                return softmax(z / T)[:, 1]
+
+            shift_by_fold.append(shift_rows(y[idx], [pixels[i] for i in idx], size, score, row["threshold"]))
+        rows.append(row)
+    return rows, shift_by_fold
+
+
+def run_linear(root, fold_seed):
+    from cxrlab.crossval import cross_validate
+
+    t0 = time.time()
+    r = cross_validate(root, folds=5, seed=fold_seed)
+    r["minutes_total"] = round((time.time() - t0) / 60, 2)
+    return r
+
+
+def summary(rows, key="plain"):
+    out = {}
+    for m in ("auc", "accuracy", "sensitivity", "specificity"):
+        v = [r[key][m] if key in r else r[m] for r in rows]
+        out[m] = (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+    return out
+
+
+def pooled_shift_table(shift_by_fold):
+    """Mean over folds of each shift's AUC / sens / spec (each fold at its own stored operating point)."""
+    names = [r["shift"] for r in shift_by_fold[0]]
+    table = []
+    for i, n in enumerate(names):
+        vals = {m: float(np.mean([f[i][m] for f in shift_by_fold])) for m in ("auc", "sensitivity", "specificity")}
+        table.append({"shift": n, **vals, "meets_who": vals["sensitivity"] >= 0.9 and vals["specificity"] >= 0.7})
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "shenzhen"))
+    p.add_argument("--variants", default="linear,plain,best")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--run-folds", default=None, help="comma-separated fold indices to fine-tune (default: all)")
+    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", help="override an option of every fine-tuned variant")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--site-shift", action="store_true")
+    p.add_argument("--output", default=None, help="write all figures as JSON here")
+    a = p.parse_args(argv)
+
+    from cxrlab.crossval import assign_folds
+    from cxrlab.decode import decode_image
+    from cxrlab.discover import discover
+    from cxrlab.split import group_key
+
+    root = Path(a.data)
+    ds = discover(root)
+    samples = ds.samples
+    y = np.array([s.label == "abnormal" for s in samples], np.int64)
+    groups = [group_key(s.relpath, None) for s in samples]
+    fold = assign_folds(groups, [s.label for s in samples], a.folds, a.seed)  # the folds of `cxrlab cv`
+    inner_val = assign_folds(groups, [s.label for s in samples], 5, a.seed + 1) == 0
+    run_folds = [int(f) for f in a.run_folds.split(",")] if a.run_folds else list(range(a.folds))
+    results = {"data": str(root), "n": len(samples), "folds": a.folds, "run_folds": run_folds, "variants": {}}
+    pixels = None
+    for name in a.variants.split(","):
+        if name == "linear":
+            r = run_linear(root, a.seed)
+            results["variants"]["linear"] = r
+            for row in r["folds"]:
+                print(f"linear fold {row['fold']}: AUC {row['auc']:.3f} acc {row['accuracy']:.3f} "
+                      f"sens {row['sensitivity']:.3f} spec {row['specificity']:.3f}")
+            s = r["summary"]
+            print(f"linear: AUC {s['auc']['mean']:.3f} ± {s['auc']['sd']:.3f}  accuracy {s['accuracy']['mean']:.3f} ± "
+                  f"{s['accuracy']['sd']:.3f}  ({r['minutes_total'] / a.folds:.2f} min per fold incl. embedding)", flush=True)
+            continue
+        if pixels is None:
+            pixels = [decode_image(root / s.relpath).pixels for s in samples]
+        options = VARIANTS[name]()
+        for item in a.ft:
+            k, _, v = item.partition("=")
+            options.set(k, v)
+        rows, shifts = run_variant(name, options, pixels, y, fold, inner_val, run_folds, seed=a.seed, tta=a.tta,
+                                   site_shift=a.site_shift, threads=a.threads)
+        entry = {"options": options.to_dict(), "folds": rows, "summary": summary(rows),
+                 "minutes_per_fold": float(np.mean([r["train_minutes"] for r in rows]))}
+        if a.tta:
+            entry["summary_tta"] = summary(rows, "tta")
+        s = entry["summary"]
+        print(f"{name}: AUC {s['auc'][0]:.3f} ± {s['auc'][1]:.3f}  accuracy {s['accuracy'][0]:.3f} ± {s['accuracy'][1]:.3f}  "
+              f"sens {s['sensitivity'][0]:.3f} spec {s['specificity'][0]:.3f}  "
+              f"({entry['minutes_per_fold']:.1f} min training per fold, {len(rows)} fold(s))", flush=True)
+        if a.tta:
+            t = entry["summary_tta"]
+            print(f"{name} + TTA: AUC {t['auc'][0]:.3f} ± {t['auc'][1]:.3f}  accuracy {t['accuracy'][0]:.3f} ± {t['accuracy'][1]:.3f}")
+        if shifts:
+            from cxrlab.siteshift import format_rows
+
+            entry["site_shift"] = pooled_shift_table(shifts)
+            entry["site_shift_per_fold"] = shifts
+            print(f"site shift ({name}, test folds, each at its fold's operating point):")
+            print("\n".join(format_rows(entry["site_shift"])), flush=True)
+        results["variants"][name] = entry
+        if a.output:
+            Path(a.output).write_text(json.dumps(results, indent=2, default=float))
+    if a.output:
+        Path(a.output).write_text(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

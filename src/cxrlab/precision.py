@@ -1,0 +1,57 @@
+"""Reduced precision: an int8 copy of a backbone's ONNX graph, calibrated on training images.
+
+ONNX Runtime's static quantisation (QDQ, per-channel int8 weights, uint8 activations) uses the
+CPU's integer dot-product instructions (AVX-512 VNNI / AVX2) where present. The calibration
+images change the result, so the quantised graph is keyed by their digests in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import Backbone, cache_dir
+from .errors import BackboneError
+
+PRECISIONS = ("fp32", "int8")
+
+
+def quantize_backbone(backbone: Backbone, calibration: list[np.ndarray], *, batch_size: int = 16) -> Backbone:
+    """Return an int8 version of ``backbone``; ``calibration`` are resized (S, S) training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .fsutil import atomic_write_bytes, file_lock
+
+    if not calibration:
+        raise BackboneError("int8 needs calibration images (the training images); none were given")
+    digest = hashlib.sha256(backbone.weights_sha256.encode())
+    for a in calibration:
+        digest.update(np.ascontiguousarray(a, np.float32).tobytes())
+    tag = digest.hexdigest()[:16]
+    target = cache_dir() / "backbones" / f"{Path(backbone.onnx_path).stem}-int8-{tag}.onnx"
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([np.stack(calibration[i : i + batch_size])[:, None].astype(np.float32)
+                                 for i in range(0, len(calibration), batch_size)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": batch}
+
+    if not target.is_file():
+        with file_lock(target.with_suffix(".lock")), tempfile.TemporaryDirectory() as tmp:
+            if not target.is_file():
+                prepped = os.path.join(tmp, "prepped.onnx")
+                out = os.path.join(tmp, "int8.onnx")
+                quant_pre_process(str(backbone.onnx_path), prepped, skip_symbolic_shape=True)
+                quantize_static(prepped, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                atomic_write_bytes(target, Path(out).read_bytes())
+    return replace(backbone, onnx_path=target, precision="int8", calibration_sha256=tag)

@@ -1,0 +1,98 @@
+"""Fine-tuning end to end on a tiny generated dataset (one epoch, 64 px): the model directory it writes
+is accepted by predict, evaluate and explain, and two runs with the same seed give the same model."""
+
+import json
+
+import numpy as np
+import pytest
+
+import cxrlab
+from cxrlab.finetune import AugmentConfig, FineTuneOptions, augment_batch
+
+
+def _options():
+    return FineTuneOptions(epochs=1, batch_size=8, input_size=64, patience=0)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    from conftest import make_dataset
+
+    root = make_dataset(tmp_path_factory.mktemp("data") / "lungs", n_per_class=16, size=72)
+    out = tmp_path_factory.mktemp("run") / "model"
+    epochs = []
+    result = cxrlab.train(root, output=out, validation_percentage=25, testing_percentage=25, report=False,
+                          fine_tune=True, fine_tune_options=_options(), on_epoch=epochs.append)
+    return root, out, result, epochs
+
+
+def test_fine_tune_writes_a_model_dir_that_predict_evaluate_explain_accept(tuned, tmp_path, capsys):
+    from cxrlab.cli import main
+    from cxrlab.evaluate import evaluate
+    from cxrlab.explain import explain_paths
+
+    root, out, result, epochs = tuned
+    info = json.loads((out / "cxrlab.json").read_text())
+    ft = info["fine_tune"]
+    assert ft["options"]["epochs"] == 1 and ft["options"]["augment"]["flip"] is False
+    assert ft["history"][0]["stage"] == "head warm-up" and len(ft["history"]) == 2 and len(epochs) == 1
+    assert info["backbone"]["input_size"] == 64 and info["backbone"]["weights_sha256"] == ft["weights_sha256"]
+    assert info["head"]["solver"] == "fine-tune" and 0 < info["operating_point"]["threshold"] < 1
+    assert "ood" in info and result.final_test_accuracy is not None
+
+    model = cxrlab.load_model(out)
+    preds = model.predict([str(root)])
+    assert len(preds) == 32 and all(p.error is None and abs(sum(p.scores.values()) - 1) < 1e-4 for p in preds)
+    r = evaluate(model, root)
+    assert r.metrics["n_images"] == 32 and 0 <= r.metrics["all"]["auc"] <= 1
+    heat = explain_paths(model, [preds[0].path, preds[-1].path], tmp_path / "heat")
+    assert len(heat) == 2 and list((tmp_path / "heat").iterdir())
+    image = sorted((root / "abnormal").iterdir())[0]
+    assert main(["predict", "--model", str(out), str(image)]) == 0
+    assert "(score = " in capsys.readouterr().out
+
+
+def test_same_seed_same_fine_tuned_model(tuned, tmp_path):
+    root, out, _, _ = tuned
+    again = cxrlab.train(root, output=tmp_path / "again", validation_percentage=25, testing_percentage=25,
+                         report=False, fine_tune=True, fine_tune_options=_options())
+    assert (again.model_dir / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_augment_batch_is_seeded_and_keeps_range():
+    import torch
+
+    x = torch.rand(4, 1, 80, 80)
+    a = augment_batch(x, 64, AugmentConfig(jpeg=1.0), torch.Generator().manual_seed(1))
+    b = augment_batch(x, 64, AugmentConfig(jpeg=1.0), torch.Generator().manual_seed(1))
+    assert a.shape == (4, 1, 64, 64) and torch.equal(a, b) and 0 <= float(a.min()) and float(a.max()) <= 1
+    ident = augment_batch(x, 80, AugmentConfig.none(), torch.Generator().manual_seed(1))
+    assert torch.allclose(ident, x, atol=1e-5)
+
+
+def test_options_from_strings():
+    o = FineTuneOptions()
+    o.set("lr", "1e-4")
+    o.set("augment.gamma", "0")
+    o.set("jpeg", "0.5")
+    o.set("input_size", "299")
+    o.set("freeze_bn", "false")
+    assert (o.lr, o.augment.gamma, o.augment.jpeg, o.input_size, o.freeze_bn) == (1e-4, 0.0, 0.5, 299, False)
+    with pytest.raises(cxrlab.errors.CxrlabError, match="unknown fine-tune option"):
+        o.set("nope", "1")
+
+
+def test_site_shift_table_and_cli(tuned, capsys):
+    from cxrlab.cli import main
+    from cxrlab.siteshift import SHIFTS, site_shift_folder
+
+    root, out, _, _ = tuned
+    img = np.linspace(0, 1, 90 * 80, dtype=np.float32).reshape(90, 80)
+    for name, fn in SHIFTS.items():
+        shifted = fn(img)
+        assert shifted.shape == img.shape, name
+    assert not np.allclose(SHIFTS["marker_R"](img), img)
+    rows = site_shift_folder(cxrlab.load_model(out), root)
+    assert [r["shift"] for r in rows] == list(SHIFTS) and all(0 <= r["auc"] <= 1 for r in rows)
+    assert main(["site-shift", "--model", str(out), str(root)]) == 0
+    assert "inverted" in capsys.readouterr().out
