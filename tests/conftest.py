@@ -23,6 +23,16 @@ def shenzhen_dir():
     return SHENZHEN
 
 
+@pytest.fixture(scope="session")
+def shenzhen_run(shenzhen_dir, tmp_path_factory):
+    """One default training run on Shenzhen shared by the slow tests, and its bottleneck folder."""
+    import cxrlab
+
+    out = tmp_path_factory.mktemp("shenzhen") / "model"
+    bn = tmp_path_factory.mktemp("bottlenecks")
+    return cxrlab.train(shenzhen_dir, output=out, bottleneck_dir=bn), bn
+
+
 def synthetic_xray(seed: int, abnormal: bool, size: int = 96) -> np.ndarray:
     """A gray chest-like picture: two dark lung fields; 'abnormal' adds bright blotches in the upper lungs."""
     rng = np.random.default_rng(seed)

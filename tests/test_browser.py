@@ -41,12 +41,9 @@ def sync_api():
 
 
 @pytest.fixture(scope="module")
-def trained(shenzhen_dir, tmp_path_factory):
-    """A real (quick) model on the shared Shenzhen set, and one abnormal image from its test split."""
-    import cxrlab
-
-    tmp = tmp_path_factory.mktemp("browser")
-    result = cxrlab.train(shenzhen_dir, output=tmp / "model", bottleneck_dir=tmp / "bottlenecks", report=False)
+def trained(shenzhen_dir, shenzhen_run):
+    """The session's model trained on the shared Shenzhen set, and one abnormal image from its test split."""
+    result, _ = shenzhen_run
     with open(Path(result.model_dir) / "split.csv", newline="") as f:
         test_rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     row = next(r for r in test_rows if r["label"] == "abnormal")

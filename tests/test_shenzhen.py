@@ -11,13 +11,6 @@ from cxrlab.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def shenzhen_run(shenzhen_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shenzhen") / "model"
-    bn = tmp_path_factory.mktemp("bottlenecks")
-    return cxrlab.train(shenzhen_dir, output=out, bottleneck_dir=bn), bn
-
-
 def test_accuracy_and_auc(shenzhen_run):
     result, _ = shenzhen_run
     assert result.n_test > 50

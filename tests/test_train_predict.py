@@ -119,3 +119,16 @@ def test_cv_reports_mean_and_sd(trained, capsys):
     assert folds[0] == folds[1]  # one group, one fold
     assert main(["cv", str(root), "--folds", "3"]) == 0
     assert "auc" in capsys.readouterr().out
+
+
+def test_summaries_dir_writes_tensorboard_scalars(trained, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _, _ = trained
+    cxrlab.train(root, output=tmp_path / "m", summaries_dir=tmp_path / "tb", report=False, ood=False,
+                 validation_percentage=20, testing_percentage=20)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train_accuracy", "cross_entropy", "validation_accuracy", "test/auc"} <= tags

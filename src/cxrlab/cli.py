@@ -58,6 +58,7 @@ def add_train_options(p) -> None:
     _flag(p, "random_brightness", type=float, default=0.0)
     _flag(p, "no_ood", action="store_true", help="do not fit the out-of-distribution gate")
     _flag(p, "no_report", action="store_true", help="do not write report.html")
+    _flag(p, "summaries_dir", help="also write TensorBoard scalars here (needs the tensorboard package)")
     _flag(p, "fine_tune", action="store_true", help="fine-tune the backbone end to end in torch (slower, more accurate)")
     _flag(p, "epochs", type=int, default=8, help="fine-tuning epochs (with --fine-tune)")
     p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
@@ -89,7 +90,7 @@ def run_train(a) -> int:
               validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
               positive_label=a.positive_label, operating_point=a.operating_point, flip_left_right=a.flip_left_right,
               random_crop=a.random_crop, random_scale=a.random_scale, random_brightness=a.random_brightness,
-              ood=not a.no_ood, report=not a.no_report, seed=a.seed,
+              ood=not a.no_ood, report=not a.no_report, seed=a.seed, summaries_dir=a.summaries_dir,
               on_step=None if a.quiet else print_step, progress=None if a.quiet else TqdmProgress(),
               **_fine_tune_args(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)

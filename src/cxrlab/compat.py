@@ -32,7 +32,8 @@ def _run_retrain(a) -> int:
               validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
               flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
               random_brightness=a.random_brightness, label_from_name=a.label_from_name, seed=a.seed,
-              ood=not a.no_ood, report=not a.no_report, on_step=print_step, progress=TqdmProgress())
+              ood=not a.no_ood, report=not a.no_report, summaries_dir=a.summaries_dir, on_step=print_step,
+              progress=TqdmProgress())
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
     atomic_write_bytes(graph, (model_dir / "model.onnx").read_bytes())
     atomic_write_bytes(Path(a.output_labels), (model_dir / "labels.txt").read_bytes())
@@ -47,7 +48,7 @@ def retrain_main(argv=None) -> int:
     p.add_argument("--output_graph", default="/tmp/output_graph.pb", help="written as ONNX (cxrlab's analogue of the .pb)")
     p.add_argument("--output_labels", default="/tmp/output_labels.txt")
     p.add_argument("--architecture", default="inception_v3", help="inception_v3 (the tutorial's) or any cxrlab backbone")
-    for ignored in ("--summaries_dir", "--model_dir", "--final_tensor_name", "--intermediate_output_graphs_dir",
+    for ignored in ("--model_dir", "--final_tensor_name", "--intermediate_output_graphs_dir",
                     "--intermediate_store_frequency"):
         p.add_argument(ignored, help="accepted for compatibility; not used")
     a = p.parse_args(argv)

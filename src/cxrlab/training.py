@@ -98,6 +98,7 @@ def train(
     epochs: int = 8,
     fine_tune_options=None,
     on_epoch: Callable[[dict], None] | None = None,
+    summaries_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory."""
     started = time.time()
@@ -278,11 +279,30 @@ def train(
                          misclassified, final_acc, len(X_te))
     result.metrics["training_curve"] = curve
     result.seconds = round(time.time() - started, 2)
+    if summaries_dir:
+        write_tensorboard(summaries_dir, curve, metrics, notes)
     if report:
         from .report import write_run_report
 
         write_run_report(result, image_dir, entries=kept, probs_by_relpath=_all_probs(kept, ok, probs), info=info)
     return result
+
+
+def write_tensorboard(summaries_dir, curve: list[dict], metrics: dict, notes: list[str]) -> None:
+    """The tutorial's --summaries_dir: training curves and test metrics as TensorBoard scalars (optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        notes.append("--summaries_dir needs the optional tensorboard package: pip install tensorboard")
+        return
+    with SummaryWriter(str(summaries_dir)) as writer:
+        for row in curve:
+            for key in ("train_accuracy", "cross_entropy", "validation_accuracy", "validation_cross_entropy"):
+                if row.get(key) is not None:
+                    writer.add_scalar(key, row[key], row["step"])
+        for key, value in (metrics.get("test") or {}).items():
+            if isinstance(value, float):
+                writer.add_scalar(f"test/{key}", value, 0)
 
 
 def softmax_raw(z: np.ndarray) -> np.ndarray:
