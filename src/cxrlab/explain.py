@@ -98,13 +98,25 @@ def overlay_png(heatmap: Heatmap, pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def heatmap_png(model, data: bytes, name: str) -> bytes | None:
-    """For serve: decode uploaded bytes, explain the decision, return the overlay PNG (None if unreadable)."""
+def shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:
+    """The image scaled down so that its longer side is at most ``max_side`` (display only)."""
+    from .decode import resize
+
+    h, w = pixels.shape
+    scale = max_side / max(h, w)
+    return pixels if scale >= 1 else resize(pixels, (max(1, round(h * scale)), max(1, round(w * scale))))
+
+
+def heatmap_png(model, data: bytes, name: str, *, max_side: int = 512) -> bytes | None:
+    """For serve: decode uploaded bytes, explain the decision, return the overlay PNG (None if unreadable).
+
+    The overlay is drawn at most ``max_side`` pixels wide: a 3000 px original would take seconds."""
     try:
         array, img = _load(model, data, name)
     except ImageError:
         return None
-    return overlay_png(explain_array(model, array, img.pixels, name, img), img.pixels)
+    pixels = shrink(img.pixels, max_side)
+    return overlay_png(explain_array(model, array, pixels, name, img), pixels)
 
 
 def explain_paths(model, paths, output_dir: str | os.PathLike, *,

@@ -11,8 +11,6 @@ The score is the largest z; the threshold is set on the validation split so that
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass
 
 import numpy as np

@@ -55,3 +55,23 @@ def quantize_backbone(backbone: Backbone, calibration: list[np.ndarray], *, batc
                                 weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
                 atomic_write_bytes(target, Path(out).read_bytes())
     return replace(backbone, onnx_path=target, precision="int8", calibration_sha256=tag)
+
+
+def with_precision(backbone: Backbone, precision: str, calibration_paths, *, n_calibration: int = 64) -> Backbone:
+    """``backbone`` at ``precision``; int8 is calibrated on up to ``n_calibration`` of the given images."""
+    from .embed import prepare, read_file
+    from .errors import ImageError
+
+    if precision not in PRECISIONS:
+        raise BackboneError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return backbone
+    paths = list(calibration_paths)
+    step = max(1, len(paths) // n_calibration)
+    arrays = []
+    for path in paths[::step][:n_calibration]:
+        try:
+            arrays.append(prepare(read_file(path), backbone.spec.input_size, str(path))[0])
+        except ImageError:
+            continue
+    return quantize_backbone(backbone, arrays)

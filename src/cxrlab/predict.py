@@ -10,7 +10,7 @@ import numpy as np
 
 from .decode import DecodedImage, looks_like_image_file
 from .embed import make_session, prepare, read_file
-from .errors import DataError, ImageError, ModelDirError
+from .errors import ImageError, ModelDirError
 from .modeldir import MODEL_FILE, read_model_dir
 
 

@@ -350,8 +350,8 @@ def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
         return None
     started = time.perf_counter()
     from . import explain
-    from .decode import resize
     from .embed import prepare, read_file
+    from .explain import shrink
     from .predict import load_model
 
     def score(r, lab):
@@ -389,10 +389,7 @@ def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
             except (CxrlabError, OSError, ValueError) as exc:
                 notes.append(f"no heatmap for {r['path']}: {exc}")
                 continue
-            px = img.pixels
-            k = HEAT_PX / max(px.shape)
-            if k < 1:  # overlays are drawn on a shrunk copy: small HTML, fast drawing
-                px = resize(px, (max(1, round(px.shape[0] * k)), max(1, round(px.shape[1] * k))))
+            px = shrink(img.pixels, HEAT_PX)  # overlays are drawn on a shrunk copy: small HTML, fast drawing
             chunk.append(r)
             arrays.append(array)
             small[id(r)] = px

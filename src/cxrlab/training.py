@@ -99,6 +99,7 @@ def train(
     fine_tune_options=None,
     on_epoch: Callable[[dict], None] | None = None,
     summaries_dir: str | os.PathLike | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory."""
     started = time.time()
@@ -115,6 +116,10 @@ def train(
     positive = _positive_label(labels, positive_label, notes)
 
     bb = create_backbone(backbone)
+    if precision != "fp32":
+        from .precision import with_precision
+
+        bb = with_precision(bb, precision, [image_dir / e.relpath for e in manifest.subset("train")])
     store = EmbeddingStore(Path(bottleneck_dir) if bottleneck_dir else cache_dir() / "embeddings",
                            bb.cache_key(), bb.spec.embed_dim)
     embedder = Embedder(bb)
@@ -237,7 +242,8 @@ def train(
         "task": "classification",
         "labels": labels,
         "positive_label": positive,
-        "backbone": {**bb.spec.to_dict(), "id": bb.id, "weights_sha256": bb.weights_sha256, "onnx_outputs": list(bb.outputs)},
+        "backbone": {**bb.spec.to_dict(), "id": bb.id, "weights_sha256": bb.weights_sha256, "onnx_outputs": list(bb.outputs),
+                     "precision": bb.precision, "calibration_sha256": bb.calibration_sha256},
         "head": {"type": "linear-softmax", "solver": solver, "C": C, "n_iter": head.n_iter_, "C_search": c_search},
         "calibration": {"method": calibration if temperature != 1.0 else "none", "temperature": temperature},
         "operating_point": op.to_dict() if op else None,
