@@ -62,3 +62,38 @@ def test_distortions_bypass_cache_and_warn_about_flips(tmp_path, tiny_dataset):
                      random_crop=5, distortion_copies=2, report=False, ood=False)
     assert any("heart" in n for n in r.notes)
     assert r.metrics["n"]["train"] > 0
+
+
+def test_int8_only_where_validated(tmp_path, tiny_dataset):
+    from cxrlab.precision import int8_offered, with_precision
+
+    assert int8_offered("efficientnet-lite0") and not int8_offered("inception-v3")
+    bb = create_backbone("efficientnet-lite0")
+    paths = sorted(tiny_dataset.rglob("*.png"))
+    q = with_precision(bb, "int8", paths, n_calibration=8)
+    assert q.precision == "int8" and q.cache_key() != bb.cache_key()
+    from cxrlab.embed import Embedder
+
+    e32, e8 = Embedder(bb).embed_files(paths[:4]).vectors, Embedder(q).embed_files(paths[:4]).vectors
+    cos = np.sum(e32 * e8, 1) / np.linalg.norm(e32, axis=1) / np.linalg.norm(e8, axis=1)
+    assert cos.min() > 0.9
+    spec_onnx = tmp_path / "x.onnx"
+    _user_onnx(spec_onnx, 13)
+    with pytest.raises(BackboneError, match="not been validated"):
+        with_precision(create_backbone(f"onnx:{spec_onnx}"), "int8", paths)
+
+
+def test_inception_v3_exports_and_matches_torch():
+    import torch
+
+    from cxrlab.backbones import _weights_path
+    from cxrlab.embed import make_session
+
+    bb = create_backbone("inception-v3")
+    module = bb.spec.builder(bb.spec, _weights_path(bb.spec))
+    x = np.random.default_rng(0).random((1, 1, 299, 299), dtype=np.float32)
+    ort_emb, feats = make_session(bb.onnx_path).run(["embedding", "features"], {"image": x})
+    with torch.no_grad():
+        torch_emb = module(torch.from_numpy(x))[0].numpy()
+    assert ort_emb.shape == (1, 2048) and feats.shape == (1, 2048, 8, 8)
+    np.testing.assert_allclose(ort_emb, torch_emb, atol=1e-3, rtol=1e-3)

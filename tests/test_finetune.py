@@ -96,3 +96,20 @@ def test_site_shift_table_and_cli(tuned, capsys):
     assert [r["shift"] for r in rows] == list(SHIFTS) and all(0 <= r["auc"] <= 1 for r in rows)
     assert main(["site-shift", "--model", str(out), str(root)]) == 0
     assert "inverted" in capsys.readouterr().out
+
+
+def test_tta_export_matches_torch(tmp_path):
+    import torch
+
+    from cxrlab.backbones import _weights_path, get_spec
+    from cxrlab.embed import make_session
+    from cxrlab.finetune import _wrap, export_onnx, make_intensity, with_tta
+
+    spec = get_spec("efficientnet-lite0")
+    module = with_tta(_wrap(spec.builder(spec, _weights_path(spec)), make_intensity("window", 64)).eval(), 64)
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        ref = module(x)
+    sess = make_session(export_onnx(module, 64, ("embedding", "features", "imagenet_logits")), threads=1)
+    emb, feat = sess.run(["embedding", "features"], {"image": x.numpy()})
+    assert np.allclose(emb, ref[0].numpy(), atol=1e-4) and feat.shape == tuple(ref[1].shape)

@@ -71,6 +71,7 @@ class FineTuneOptions:
     patience: int = 3
     input_size: int | None = None  # None: the backbone's
     intensity: str = "window"  # none | window (per-image 1-99 percentile) | standardize (per-image mean/std)
+    tta: bool = False  # export: embedding = mean over identity, zoom 1.06, rotations +-4 deg (4x slower predict)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -162,6 +163,45 @@ def _wrap(backbone, intensity):
             return self.backbone(self.pre(image))
 
     return FineTuned()
+
+
+TTA_VIEWS = ((0.0, 1.06), (4.0, 1.0), (-4.0, 1.0))  # (degrees, zoom) besides the identity
+
+
+def tta_grids(size: int):
+    """Fixed sampling grids (views, S, S, 2) of the TTA views, constants in the exported graph."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    thetas = []
+    for deg, zoom in TTA_VIEWS:
+        a = math.radians(deg)
+        thetas.append([[math.cos(a) / zoom, -math.sin(a) / zoom, 0.0], [math.sin(a) / zoom, math.cos(a) / zoom, 0.0]])
+    return F.affine_grid(torch.tensor(thetas), [len(thetas), 1, size, size], align_corners=False)
+
+
+def with_tta(module, size: int):
+    """The exported interface with test-time augmentation: the embedding is averaged over the views (the head
+    is linear, so this averages the logits); features (heatmaps) and imagenet_logits come from the identity view."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    class TTA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+            self.register_buffer("grids", tta_grids(size))
+
+        def forward(self, image):
+            out = self.inner(image)
+            embeddings = [out[0]]
+            for v in range(self.grids.shape[0]):
+                grid = self.grids[v : v + 1].expand(image.shape[0], -1, -1, -1)
+                embeddings.append(self.inner(F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
+                                                           align_corners=False))[0])
+            return (torch.stack(embeddings).mean(0), *out[1:])
+
+    return TTA().eval()
 
 
 def _units(backbone) -> list:
@@ -372,7 +412,7 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 correct += int((logits.argmax(1) == ytr_t[idx]).sum())
                 progress.advance()
             progress.close()
@@ -489,7 +529,7 @@ def fine_tune_stage(bb, image_dir: Path, rows_tr, y_tr, rows_va, y_va, rows_all,
     res = fine_tune(spec, _weights_path(bb.spec), X_tr, np.asarray(y_tr)[ok_tr], X_va, np.asarray(y_va)[ok_va],
                     seed=seed, options=options, on_epoch=on_epoch, progress=progress)
     sha = state_sha256(res.module, {"options": options.to_dict(), "base": bb.weights_sha256})
-    onnx_bytes = export_onnx(res.module, size, bb.outputs)
+    onnx_bytes = export_onnx(with_tta(res.module, size) if options.tta else res.module, size, bb.outputs)
     path = cache_dir() / "finetuned" / f"{spec.name}-ft-{sha[:16]}.onnx"
     atomic_write_bytes(path, onnx_bytes)
     new_bb = Backbone(replace(spec, weights_sha256=sha, builder=None), path, sha, bb.outputs)
