@@ -74,27 +74,40 @@ def explain_file(model, path, *, class_label: str | None = None) -> Heatmap:
     return explain_array(model, array, img.pixels, str(path), img, class_label=class_label)
 
 
-def overlay_png(heatmap: Heatmap, pixels: np.ndarray) -> bytes:
-    """The gray image at its own resolution, the jet heatmap (alpha 0.4) on top, a colorbar, a caption."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def jet(values: np.ndarray) -> np.ndarray:
+    """The 'jet' colour map (blue -> cyan -> yellow -> red) of values in [0, 1], as uint8 RGB."""
+    v = np.clip(values, 0, 1)[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay_png(heatmap: Heatmap, pixels: np.ndarray, *, alpha: float = 0.4) -> bytes:
+    """The gray image at its own resolution, the jet heatmap on top, a colour bar and a caption.
+
+    Drawn with Pillow rather than matplotlib: about 100 times faster, which matters in serve."""
+    from PIL import Image, ImageDraw, ImageFont
 
     H, W = pixels.shape
-    dpi = 100
-    fig_w, fig_h = W / dpi * 1.25 + 0.2, H / dpi + 0.6
-    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes([0.1 / fig_w, 0.1 / fig_h, W / dpi / fig_w, H / dpi / fig_h])
-    ax.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    im = ax.imshow(heatmap.full, cmap="jet", alpha=0.4, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    cax = fig.add_axes([(0.1 + W / dpi * 1.05) / fig_w, 0.1 / fig_h, min(0.15, W / dpi * 0.05) / fig_w,
-                        H / dpi / fig_h])
-    fig.colorbar(im, cax=cax)
-    fig.text(0.5, 1 - 0.25 / fig_h, f"{heatmap.label} (score = {heatmap.score:.5f})",
-             ha="center", va="center", fontsize=max(6, min(16, W / 30)))
+    full = heatmap.full if heatmap.full.shape == pixels.shape else upsample(heatmap.cam, pixels.shape)
+    gray = np.repeat((np.clip(pixels, 0, 1) * 255)[..., None], 3, axis=2)
+    blended = ((1 - alpha) * gray + alpha * jet(full)).astype(np.uint8)
+    font_px = int(max(10, min(28, W / 25)))
+    font = ImageFont.load_default(size=font_px)
+    caption_h, bar_w, pad = font_px * 2, max(12, W // 30), max(6, W // 60)
+    label_w = int(font.getlength("1.0")) + pad
+    canvas = Image.new("RGB", (W + 2 * pad + bar_w + label_w, H + caption_h), "white")
+    canvas.paste(Image.fromarray(blended), (0, caption_h))
+    ramp = np.linspace(1, 0, H)[:, None].repeat(bar_w, axis=1)
+    canvas.paste(Image.fromarray(jet(ramp)), (W + pad, caption_h))
+    draw = ImageDraw.Draw(canvas)
+    for value in (0.0, 0.5, 1.0):
+        y = caption_h + int((1 - value) * (H - 1))
+        draw.text((W + pad + bar_w + 3, y), f"{value:.1f}", fill="black", font=font,
+                  anchor="lt" if value == 1.0 else ("lb" if value == 0.0 else "lm"))
+    draw.text((W / 2, caption_h / 2), f"{heatmap.label} (score = {heatmap.score:.5f})", fill="black", font=font,
+              anchor="mm")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    canvas.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
