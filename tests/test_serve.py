@@ -235,8 +235,8 @@ def test_client_path_is_not_used(client):
 def test_heatmap_when_explain_is_available(model, monkeypatch):
     calls = []
 
-    def fake(m, data, name):
-        calls.append((m, name))
+    def fake(m, array, pixels, pred):
+        calls.append((m, pred.path))
         return b"\x89PNG fake"
 
     monkeypatch.setattr(serve_mod, "_load_heatmapper", lambda: fake)
@@ -244,7 +244,7 @@ def test_heatmap_when_explain_is_available(model, monkeypatch):
     r = post(c, ("a.png", image_bytes("PNG"), "image/png")).json()["results"][0]
     assert base64.b64decode(r["heatmap_png"]) == b"\x89PNG fake" and calls == [(model, "a.png")]
 
-    def broken(m, data, name):
+    def broken(m, array, pixels, pred):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(serve_mod, "_load_heatmapper", lambda: broken)
@@ -256,8 +256,8 @@ def test_heatmap_when_explain_is_available(model, monkeypatch):
 def test_heatmap_query_parameter(model, monkeypatch):
     calls = []
 
-    def fake(m, data, name):
-        calls.append(name)
+    def fake(m, array, pixels, pred):
+        calls.append(pred.path)
         return b"\x89PNG fake"
 
     monkeypatch.setattr(serve_mod, "_load_heatmapper", lambda: fake)

@@ -96,7 +96,7 @@ def _load_heatmapper():
         from . import explain
     except ImportError:
         return None
-    return getattr(explain, "heatmap_png", None)
+    return getattr(explain, "prediction_overlay_png", None)
 
 
 def verdict(model: Model, pred) -> str:
@@ -181,13 +181,14 @@ def create_app(model_dir_or_model, *, max_upload_bytes: int = 32 * 2**20, max_pi
     def infer(data: bytes, name: str, want_heatmap: bool = True) -> dict:  # runs in a worker thread
         try:
             img = decode_image(data, name=name, max_pixels=max_pixels, min_size=model.input_size)
-            pred = model.predict_arrays([resize(img.pixels, model.input_size)], [img], names=[name])[0]
+            array = resize(img.pixels, model.input_size)
+            pred = model.predict_arrays([array], [img], names=[name])[0]
         except ImageError as exc:
             raise _Reject(422, f"{name}: {exc.reason}") from None
         heatmap = None
         if want_heatmap and heatmapper is not None and not pred.ood:
             try:
-                png = heatmapper(model, data, name)
+                png = heatmapper(model, array, img.pixels, pred)
                 heatmap = base64.b64encode(png).decode("ascii") if png else None
             except Exception:  # a failed explanation must not cost the prediction
                 log.exception("heatmap failed for %s", name)
