@@ -60,6 +60,8 @@ def add_train_options(p) -> None:
     _flag(p, "no_report", action="store_true", help="do not write report.html")
     _flag(p, "summaries_dir", help="also write TensorBoard scalars here (needs the tensorboard package)")
     _flag(p, "precision", default="fp32", choices=["fp32", "int8"], help="int8: quantised backbone, calibrated on training images")
+    _flag(p, "workers", type=int, default=None, help="decode threads (default: up to 4, one per core)")
+    _flag(p, "batch_size", type=int, default=32, help="images per ONNX Runtime batch while embedding")
     _flag(p, "fine_tune", action="store_true", help="fine-tune the backbone end to end in torch (slower, more accurate)")
     _flag(p, "epochs", type=int, default=8, help="fine-tuning epochs (with --fine-tune)")
     p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
@@ -92,6 +94,7 @@ def run_train(a) -> int:
               positive_label=a.positive_label, operating_point=a.operating_point, flip_left_right=a.flip_left_right,
               random_crop=a.random_crop, random_scale=a.random_scale, random_brightness=a.random_brightness,
               ood=not a.no_ood, report=not a.no_report, seed=a.seed, summaries_dir=a.summaries_dir, precision=a.precision,
+              workers=a.workers, batch_size=a.batch_size,
               on_step=None if a.quiet else print_step, progress=None if a.quiet else TqdmProgress(),
               **_fine_tune_args(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)

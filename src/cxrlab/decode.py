@@ -171,6 +171,7 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int, min_size: int | Non
                 # Keep the mode (not 'L') so colorfulness survives for the OOD colour check.
                 img.draft(None, (min_size, min_size))
             img.load()
+            img = _reduce_for(img, min_size)
             loaded = img.size
             img = ImageOps.exif_transpose(img) or img
         except (Image.DecompressionBombError, MemoryError) as e:
@@ -181,6 +182,24 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int, min_size: int | Non
             w, h = h, w
         arr, color, colorfulness, bits = _pil_to_gray(img)
     return DecodedImage(_finish(arr), w, h, fmt, color, colorfulness, bits)
+
+
+def _reduce_for(img: Image.Image, min_size: int | None) -> Image.Image:
+    """Box-reduce a large original (e.g. a 3000 px PNG) by an integer factor, keeping >= 2 x min_size.
+
+    Cheaper than converting the full image to float and antialiasing it all the way down; the
+    final resize still sees twice the network's resolution."""
+    if not min_size:
+        return img
+    factor = min(img.size) // (2 * min_size)
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):  # reduce() wants 32-bit 'I'; the values stay 0..65535
+        img = img.convert("I")
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not support: go on at full size
+        return img
 
 
 def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, bool, float, int]:

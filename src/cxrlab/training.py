@@ -100,6 +100,8 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
     summaries_dir: str | os.PathLike | None = None,
     precision: str = "fp32",
+    workers: int | None = None,
+    batch_size: int = 32,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory."""
     started = time.time()
@@ -122,7 +124,7 @@ def train(
         bb = with_precision(bb, precision, [image_dir / e.relpath for e in manifest.subset("train")])
     store = EmbeddingStore(Path(bottleneck_dir) if bottleneck_dir else cache_dir() / "embeddings",
                            bb.cache_key(), bb.spec.embed_dim)
-    embedder = Embedder(bb)
+    embedder = Embedder(bb, batch_size=batch_size, workers=workers)
     entries = manifest.entries
     emb = embedder.embed_files([image_dir / e.relpath for e in entries], store=store, progress=progress)
     ok = {Path(p).relative_to(image_dir).as_posix(): v for p, v in zip(emb.paths, emb.vectors)}
