@@ -32,7 +32,7 @@ from cxrlab.compat import label_image_main
 from cxrlab.errors import ModelDirError
 
 pydicom = pytest.importorskip("pydicom")
-from conftest import synthetic_xray  # noqa: E402
+from conftest import make_dataset  # noqa: E402
 from test_decode import RAMP12, bomb_png, dicom, gray8, mk_exif, mk_gif, mk_multitiff  # noqa: E402
 
 SKIP, OK = "skip", "ok"
@@ -70,12 +70,7 @@ def tiny(tmp_path_factory):
 
 
 def write_class_images(root: Path, n_per_class: int, size: int = 32) -> Path:
-    for label in ("abnormal", "normal"):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            seed = i * 2 + (label == "abnormal")
-            Image.fromarray(synthetic_xray(seed, label == "abnormal", size)).save(root / label / f"img_{i:03d}.png")
-    return root
+    return make_dataset(root, n_per_class, size)
 
 
 # ------------------------------------------------------------------ the hostile corpus

@@ -27,6 +27,7 @@ from .modeldir import save_model
 from .progress import Progress
 from .split import Manifest, split_samples
 
+OOF_FOLDS = 5  # folds for out-of-fold training scores used in calibration / operating point
 OOD_SHIFT_IMAGES = 160  # training images whose site-shifted copies widen the OOD gate's notion of genuine
 FLIP_WARNING = ("--flip_left_right mirrors chest X-rays: the heart and the lungs swap sides, which no real "
                 "PA radiograph shows. Use it only if you know why.")
@@ -192,10 +193,19 @@ def train(
                           validation_batch_size=validation_batch_size, seed=seed)
         head.fit(X_fit, y_fit, X_val=X_va, y_val=y_va, on_step=record)
 
-    # Calibration and operating point: validation split only, decided before looking at test.
+    # Calibration and operating point, decided before looking at test: on the validation split, plus
+    # out-of-fold scores of the training images where the head is cheap to refit (a threshold at 90%
+    # sensitivity set on ~40 validation positives alone moves a lot from one split to the next).
+    Z_cal, y_cal = (head.decision_function(X_va), y_va) if len(X_va) else (np.zeros((0, len(labels))), y_va)
+    cal_source = "validation split"
+    if ft is None and X_fit is X_tr and len(np.unique(y_tr)) >= 2:
+        Z_oof = _out_of_fold_logits(X_tr, y_tr, [e.relpath for e in rows_tr], [e.label for e in rows_tr], head, seed,
+                                    group_regex)
+        Z_cal, y_cal = np.concatenate([Z_oof, Z_cal]), np.concatenate([y_tr, y_va])
+        cal_source = f"validation split + out-of-fold training scores ({OOF_FOLDS} folds)"
     temperature = 1.0
-    if calibration == "temperature" and len(X_va) and len(np.unique(y_va)) >= 2:
-        temperature = float(TemperatureScaler().fit(head.decision_function(X_va), y_va).temperature_)
+    if calibration == "temperature" and len(Z_cal) and len(np.unique(y_cal)) >= 2:
+        temperature = float(TemperatureScaler().fit(Z_cal, y_cal).temperature_)
     elif calibration == "temperature":
         notes.append("no usable validation split: calibration skipped (temperature 1)")
 
@@ -207,8 +217,10 @@ def train(
     op: OperatingPoint | None = None
     if positive is not None and len(labels) == 2:
         pos = label_index[positive]
-        if len(X_va) and len(np.unique(y_va)) == 2:
-            op = choose_operating_point((y_va == pos).astype(int), probs(X_va)[:, pos], operating_point)
+        if len(Z_cal) and len(np.unique(y_cal)) == 2:
+            from .calibrate import softmax
+
+            op = choose_operating_point((y_cal == pos).astype(int), softmax(Z_cal / temperature)[:, pos], operating_point)
             if op.note:
                 notes.append(op.note)
         else:
@@ -247,7 +259,8 @@ def train(
         "backbone": {**bb.spec.to_dict(), "id": bb.id, "weights_sha256": bb.weights_sha256, "onnx_outputs": list(bb.outputs),
                      "precision": bb.precision, "calibration_sha256": bb.calibration_sha256},
         "head": {"type": "linear-softmax", "solver": solver, "C": C, "n_iter": head.n_iter_, "C_search": c_search},
-        "calibration": {"method": calibration if temperature != 1.0 else "none", "temperature": temperature},
+        "calibration": {"method": calibration if temperature != 1.0 else "none", "temperature": temperature,
+                        "data": cal_source, "n": int(len(y_cal))},
         "operating_point": op.to_dict() if op else None,
         "split": {"manifest_sha256": manifest.digest(), "counts": manifest.counts(),
                   "validation_percentage": validation_percentage, "testing_percentage": testing_percentage,
@@ -294,6 +307,23 @@ def train(
 
         write_run_report(result, image_dir, entries=kept, probs_by_relpath=_all_probs(kept, ok, probs), info=info)
     return result
+
+
+def _out_of_fold_logits(X, y, relpaths, labels, head: LinearHead, seed: int, group_regex) -> np.ndarray:
+    """Logits of each training image from a head refitted without its (patient-grouped) fold."""
+    from .crossval import assign_folds
+    from .split import group_key
+
+    folds = assign_folds([group_key(r, group_regex) for r in relpaths], labels, OOF_FOLDS, seed)
+    Z = np.zeros((len(X), head.n_classes_))
+    for f in range(OOF_FOLDS):
+        held = folds == f
+        if held.all() or len(np.unique(y[~held])) < 2:
+            return head.decision_function(X)  # too few images to refit: in-sample (optimistic) scores
+        fold_head = LinearHead(solver=head.solver, C=head.C, learning_rate=head.learning_rate, steps=head.steps,
+                               batch_size=head.batch_size, seed=seed).fit(X[~held], y[~held])
+        Z[held] = fold_head.decision_function(X[held])
+    return Z
 
 
 def write_tensorboard(summaries_dir, curve: list[dict], metrics: dict, notes: list[str]) -> None:
