@@ -85,20 +85,25 @@ def run_train(a) -> int:
     image_dir = a.image_dir or a.image_dir_pos
     if not image_dir:
         raise CxrlabError("give the image folder: cxrlab train IMAGE_DIR (or --image-dir)")
-    r = train(image_dir, output=a.output, backbone=a.backbone, bottleneck_dir=a.bottleneck_dir,
-              label_from_name=a.label_from_name, group_regex=a.group_regex, split_file=a.split_file,
-              testing_percentage=a.testing_percentage, validation_percentage=a.validation_percentage,
-              solver=a.solver, how_many_training_steps=a.how_many_training_steps, learning_rate=a.learning_rate,
-              train_batch_size=a.train_batch_size, eval_step_interval=a.eval_step_interval,
-              validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
-              positive_label=a.positive_label, operating_point=a.operating_point, flip_left_right=a.flip_left_right,
-              random_crop=a.random_crop, random_scale=a.random_scale, random_brightness=a.random_brightness,
-              ood=not a.no_ood, report=not a.no_report, seed=a.seed, summaries_dir=a.summaries_dir, precision=a.precision,
-              workers=a.workers, batch_size=a.batch_size,
-              on_step=None if a.quiet else print_step, progress=None if a.quiet else TqdmProgress(),
-              **_fine_tune_args(a))
+    r = train(image_dir, output=a.output, on_step=None if a.quiet else print_step,
+              progress=None if a.quiet else TqdmProgress(), **train_kwargs(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
     return 0
+
+
+def train_kwargs(a) -> dict:
+    """The train() keywords that `cxrlab train` and `retrain` share, from parsed options."""
+    return dict(backbone=a.backbone, bottleneck_dir=a.bottleneck_dir, label_from_name=a.label_from_name,
+                group_regex=a.group_regex, split_file=a.split_file, testing_percentage=a.testing_percentage,
+                validation_percentage=a.validation_percentage, solver=a.solver,
+                how_many_training_steps=a.how_many_training_steps, learning_rate=a.learning_rate,
+                train_batch_size=a.train_batch_size, eval_step_interval=a.eval_step_interval,
+                validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
+                positive_label=a.positive_label, operating_point=a.operating_point,
+                flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
+                random_brightness=a.random_brightness, ood=not a.no_ood, report=not a.no_report, seed=a.seed,
+                summaries_dir=a.summaries_dir, precision=a.precision, workers=a.workers, batch_size=a.batch_size,
+                **_fine_tune_args(a))
 
 
 def _fine_tune_args(a) -> dict:

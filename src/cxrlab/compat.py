@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import add_train_options, render_prediction_text, render_train_result, run
+from .cli import add_train_options, render_prediction_text, render_train_result, run, train_kwargs
 
 ARCHITECTURES = {"inception_v3": "inception-v3", "mobilenet": "efficientnet-lite0"}
 
@@ -22,18 +22,10 @@ def _run_retrain(a) -> int:
         from .errors import CxrlabError
 
         raise CxrlabError("give the image folder with --image_dir")
-    backbone = a.backbone or ARCHITECTURES.get(a.architecture, a.architecture)
     graph = Path(a.output_graph)
     model_dir = graph.with_name(graph.stem + ".cxrlab")
-    r = train(image_dir, output=model_dir, backbone=backbone, bottleneck_dir=a.bottleneck_dir,
-              testing_percentage=a.testing_percentage, validation_percentage=a.validation_percentage,
-              solver=a.solver, how_many_training_steps=a.how_many_training_steps, learning_rate=a.learning_rate,
-              train_batch_size=a.train_batch_size, eval_step_interval=a.eval_step_interval,
-              validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
-              flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
-              random_brightness=a.random_brightness, label_from_name=a.label_from_name, seed=a.seed,
-              ood=not a.no_ood, report=not a.no_report, summaries_dir=a.summaries_dir, on_step=print_step,
-              progress=TqdmProgress())
+    a.backbone = a.backbone or ARCHITECTURES.get(a.architecture, a.architecture)
+    r = train(image_dir, output=model_dir, on_step=print_step, progress=TqdmProgress(), **train_kwargs(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
     atomic_write_bytes(graph, (model_dir / "model.onnx").read_bytes())
     atomic_write_bytes(Path(a.output_labels), (model_dir / "labels.txt").read_bytes())
