@@ -14,6 +14,21 @@ def _options():
     return FineTuneOptions(epochs=1, batch_size=8, input_size=64, patience=0)
 
 
+def test_head_warm_up_and_cxr_augmentations_run(tmp_path):
+    from cxrlab.backbones import _weights_path, get_spec
+    from cxrlab.finetune import fine_tune
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 255, (12, 72, 72), dtype=np.uint8)
+    y = np.array([0, 1] * 6)
+    spec = get_spec("efficientnet-lite0")
+    opts = FineTuneOptions(epochs=1, batch_size=6, input_size=64, warmup_head=True, freeze_bn=True,
+                           trainable_units=3, intensity="standardize",
+                           augment=AugmentConfig(aspect=0.1, translate=0.05, contrast=0.2, gamma=0.3, sharpen=0.5, jpeg=0.5))
+    res = fine_tune(spec, _weights_path(spec), X[:8], y[:8], X[8:], y[8:], options=opts)
+    assert res.history[0]["stage"] == "head warm-up" and len(res.history) == 2 and res.head_W.shape == (2, 1280)
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     from conftest import make_dataset
@@ -35,7 +50,7 @@ def test_fine_tune_writes_a_model_dir_that_predict_evaluate_explain_accept(tuned
     info = json.loads((out / "cxrlab.json").read_text())
     ft = info["fine_tune"]
     assert ft["options"]["epochs"] == 1 and ft["options"]["augment"]["flip"] is False
-    assert ft["history"][0]["stage"] == "head warm-up" and len(ft["history"]) == 2 and len(epochs) == 1
+    assert [r["epoch"] for r in ft["history"]] == [1] and len(epochs) == 1 and ft["options"]["intensity"] == "window"
     assert info["backbone"]["input_size"] == 64 and info["backbone"]["weights_sha256"] == ft["weights_sha256"]
     assert info["head"]["solver"] == "fine-tune" and 0 < info["operating_point"]["threshold"] < 1
     assert "ood" in info and result.final_test_accuracy is not None

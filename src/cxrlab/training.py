@@ -184,7 +184,7 @@ def train(
 
     if ft is not None:
         head = ft.head
-        for row in ft.info["history"][1:]:  # the tutorial's Step lines, one per epoch
+        for row in [r for r in ft.info["history"] if "loss" in r]:  # the tutorial's Step lines, one per epoch
             record(StepInfo(row["epoch"], row["train_accuracy"], row["loss"], row.get("val_accuracy"),
                             len(y_va), row.get("val_loss")))
     else:
