@@ -77,7 +77,7 @@ def worker(args: dict) -> dict:
     from cxrlab.backbones import create_backbone
     from cxrlab.embed import Embedder
 
-    paths = [Path(p) for p in args["paths"]]
+    paths = [Path(p) for p in Path(args["paths_file"]).read_text().splitlines()]
     bb = create_backbone(args["backbone"])
     if args["precision"] != "fp32":
         from cxrlab.precision import with_precision
@@ -112,7 +112,14 @@ def eager_rate(paths, backbone: str) -> float:
 
 
 def in_subprocess(args: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], check=True, capture_output=True, text=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(str(p) for p in args.pop("paths")))
+    args["paths_file"] = f.name
+    try:
+        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], check=True,
+                             capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -173,6 +180,15 @@ def main() -> None:
         eager = eager_rate(paths[: a.eager_images], backbone)
         gflop = model_gflop(str(create_backbone(backbone).onnx_path), 0)  # the fp32 graph's operations
         for precision in a.precisions.split(","):
+            if precision != "fp32":
+                from cxrlab.errors import BackboneError
+                from cxrlab.precision import with_precision
+
+                try:  # quantise here, so that the worker's peak RSS is the embedding's alone
+                    with_precision(create_backbone(backbone), precision, paths[::7])
+                except BackboneError as exc:
+                    print(f"{backbone:20} {precision:9} not offered: {exc}")
+                    continue
             r = in_subprocess({"backbone": backbone, "precision": precision, "paths": [str(p) for p in paths]})
             share = 100 * r["img_s"] * gflop / peak
             print(f"{backbone:20} {precision:9} {r['img_s']:7.1f} {eager:7.1f} {r['img_s'] / eager:5.1f}x "

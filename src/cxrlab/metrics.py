@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from scipy.stats import norm, rankdata
+from statistics import NormalDist
 
 from .errors import DataError
 
@@ -23,10 +23,20 @@ __all__ = [
 
 
 # ----------------------------------------------------------------- helpers
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (scipy.stats.rankdata 'average')."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
 def _z(alpha: float) -> float:
     if not 0.0 < alpha < 1.0:
         raise DataError(f"alpha must be in (0, 1), got {alpha!r}")
-    return float(norm.ppf(1.0 - alpha / 2.0))
+    return float(NormalDist().inv_cdf(1.0 - alpha / 2.0))
 
 
 def _binary(y, scores, *, need_both: bool = True, name: str = "scores"):
@@ -107,7 +117,7 @@ def roc_curve(y, scores):
 def roc_auc(y, scores) -> float:
     """Mann-Whitney AUC, ties counted 1/2; DataError if only one class."""
     y, s = _binary(y, scores)
-    ranks = rankdata(s)  # average ranks handle ties as 1/2
+    ranks = _midranks(s)  # average ranks handle ties as 1/2
     n1 = int(y.sum())
     n0 = y.size - n1
     return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
@@ -115,7 +125,7 @@ def roc_auc(y, scores) -> float:
 
 def _midrank(x: np.ndarray) -> np.ndarray:
     """Midranks (1-based, ties averaged) as in Sun & Xu (2014)."""
-    return rankdata(x, method="average")
+    return _midranks(x)
 
 
 def delong_ci(y, scores, alpha: float = 0.05) -> tuple[float, float, float]:

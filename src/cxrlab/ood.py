@@ -83,9 +83,17 @@ def fit_gate(backbone, X_train: np.ndarray, X_val: np.ndarray | None = None, *, 
     X = np.asarray(X_train, np.float64)
     k = int(min(n_components, len(X) - 1, X.shape[1]))
     mean = X.mean(axis=0)
-    _, s, vt = np.linalg.svd(X - mean, full_matrices=False)
-    scales = s[:k] / np.sqrt(max(len(X) - 1, 1)) + 1e-9
-    gate = OODGate(mean, vt[:k], scales, np.zeros(2), np.ones(2), np.inf, reject_rate)
+    Xc = X - mean
+    # Only the top k axes are needed: an eigendecomposition of the (d, d) covariance restricted to
+    # them is several times cheaper than a full SVD of the data.
+    from scipy.linalg import eigh
+
+    values, vectors = eigh(Xc.T @ Xc / max(len(X) - 1, 1), subset_by_index=[X.shape[1] - k, X.shape[1] - 1])
+    order = np.argsort(values)[::-1]
+    components = vectors[:, order].T
+    components *= np.where(components[np.arange(k), np.abs(components).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
+    scales = np.sqrt(np.clip(values[order], 0, None)) + 1e-9
+    gate = OODGate(mean, components, scales, np.zeros(2), np.ones(2), np.inf, reject_rate)
     gate.centers, gate.spreads = _robust(gate.raw_signals(X))
     reference = X_val if X_val is not None and len(X_val) >= 20 else X
     scores = gate.score_embeddings(reference)

@@ -321,7 +321,8 @@ def _out_of_fold_logits(X, y, relpaths, labels, head: LinearHead, seed: int, gro
         if held.all() or len(np.unique(y[~held])) < 2:
             return head.decision_function(X)  # too few images to refit: in-sample (optimistic) scores
         fold_head = LinearHead(solver=head.solver, C=head.C, learning_rate=head.learning_rate, steps=head.steps,
-                               batch_size=head.batch_size, seed=seed).fit(X[~held], y[~held])
+                               batch_size=head.batch_size, seed=seed).fit(X[~held], y[~held],
+                                                                          init=getattr(head, "theta_", None))
         Z[held] = fold_head.decision_function(X[held])
     return Z
 
