@@ -3,8 +3,8 @@
     python benchmarks/serve.py [--model MODEL_DIR] [--images DIR] [--requests 500] [--concurrency 8]
                                [--heatmap both|on|off]
 
-The server (uvicorn, the app of `cxrlab serve`) runs in a thread of this process on 127.0.0.1; the
-client is httpx in a thread pool, so client and server share the machine's cores (and the GIL).
+The server is `cxrlab serve` in a separate process on 127.0.0.1; the client is httpx in a thread
+pool of this process, so client and server share the machine's cores (but not a GIL).
 Without --model a quick model is trained on the shared Shenzhen set first (about a minute cold).
 Each mode prints p50/p95/p99 latency per request (= per image), throughput and the error count;
 an error is a transport failure, a non-200 status, a per-file error, or a missing heatmap when one
@@ -46,33 +46,33 @@ def quick_model(image_dir: Path, work: Path) -> Path:
 
 
 class Server:
-    """uvicorn serving ``create_app(model_dir)`` on a free 127.0.0.1 port, in a daemon thread."""
+    """`cxrlab serve` in its own process on a free 127.0.0.1 port (its own GIL, like a real deployment)."""
 
     def __init__(self, model_dir: Path):
-        import uvicorn
-
-        from cxrlab.serve import create_app
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(model_dir), log_level="warning", lifespan="off", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "cxrlab", "serve", "--model", str(model_dir), "--port", str(self.port)]
 
     def __enter__(self):
-        self.thread.start()
+        import subprocess
+        import urllib.request
+
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return self
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=1).read()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("cxrlab serve did not start") from None
+                time.sleep(0.1)
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def run_load(url: str, images, *, requests: int, concurrency: int, heatmap: bool, warmup: int) -> dict:

@@ -107,7 +107,7 @@ def overlay_png(heatmap: Heatmap, pixels: np.ndarray, *, alpha: float = 0.4) -> 
     draw.text((W / 2, caption_h / 2), f"{heatmap.label} (score = {heatmap.score:.5f})", fill="black", font=font,
               anchor="mm")
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=False)
+    canvas.save(buf, format="PNG", compress_level=1)  # zlib level 6 took 2/3 of the time for little gain
     return buf.getvalue()
 
 
