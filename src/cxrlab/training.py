@@ -16,7 +16,7 @@ import numpy as np
 from . import __version__
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
-from .calibrate import OperatingPoint, TemperatureScaler, choose_operating_point
+from .calibrate import OperatingPoint, TemperatureScaler, choose_operating_point, softmax
 from .discover import discover
 from .embed import Embedder, SkippedFile
 from .errors import DataError
@@ -210,16 +210,12 @@ def train(
         notes.append("no usable validation split: calibration skipped (temperature 1)")
 
     def probs(X):
-        from .calibrate import softmax
-
         return softmax(head.decision_function(X) / temperature) if len(X) else np.zeros((0, len(labels)))
 
     op: OperatingPoint | None = None
     if positive is not None and len(labels) == 2:
         pos = label_index[positive]
         if len(Z_cal) and len(np.unique(y_cal)) == 2:
-            from .calibrate import softmax
-
             op = choose_operating_point((y_cal == pos).astype(int), softmax(Z_cal / temperature)[:, pos], operating_point)
             if op.note:
                 notes.append(op.note)
@@ -241,7 +237,7 @@ def train(
             pos = label_index[positive]
             metrics["test"] = binary_report((y_te == pos).astype(int), P_te[:, pos], op.threshold)
             metrics["test"]["who_verdict"] = who_verdict(metrics["test"])
-            P_uncal = softmax_raw(head.decision_function(X_te))[:, pos]
+            P_uncal = softmax(head.decision_function(X_te))[:, pos]
             metrics["test"]["ece_uncalibrated"] = binary_report((y_te == pos).astype(int), P_uncal, op.threshold)["ece"]
         else:
             metrics["test"] = multiclass_report(y_te, P_te, labels)
@@ -342,12 +338,6 @@ def write_tensorboard(summaries_dir, curve: list[dict], metrics: dict, notes: li
         for key, value in (metrics.get("test") or {}).items():
             if isinstance(value, float):
                 writer.add_scalar(f"test/{key}", value, 0)
-
-
-def softmax_raw(z: np.ndarray) -> np.ndarray:
-    from .calibrate import softmax
-
-    return softmax(z)
 
 
 def _all_probs(rows, vectors: dict, probs) -> dict[str, np.ndarray]:
