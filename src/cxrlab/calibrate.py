@@ -14,6 +14,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit, log_expit, logsumexp
 
 from .errors import DataError, NotFittedError
+from .metrics import check_binary
 
 __all__ = [
     "OperatingPoint", "parse_rule", "choose_operating_point",
@@ -71,22 +72,6 @@ def parse_rule(rule: str) -> tuple[str, float | None]:
     return kind, value
 
 
-def _check_binary(y, scores):
-    y = np.asarray(y)
-    s = np.asarray(scores, dtype=float)
-    if y.ndim != 1 or s.shape != y.shape or y.size == 0:
-        raise DataError(f"y and scores must be 1-D of equal non-zero length, got {y.shape}, {s.shape}")
-    if not np.all(np.isfinite(s)):
-        raise DataError("scores contain NaN or infinite values")
-    if not np.all(np.isin(y, (0, 1))):
-        raise DataError("binary labels must be 0 or 1")
-    y = y.astype(int)
-    if y.sum() == 0 or y.sum() == y.size:
-        raise DataError(f"only one class present in {y.size} samples; an operating point "
-                        "needs both positives and negatives")
-    return y, s
-
-
 def _rates(y, s, t: float) -> tuple[float, float]:
     pred = s >= t
     return (float(np.mean(pred[y == 1])), float(np.mean(~pred[y == 0])))
@@ -95,7 +80,7 @@ def _rates(y, s, t: float) -> tuple[float, float]:
 def choose_operating_point(y, scores, rule: str = "who") -> OperatingPoint:
     """Pick a threshold on (y, scores) by rule; fall back to Youden when the rule can't be met."""
     kind, target = parse_rule(rule)
-    y, s = _check_binary(y, scores)
+    y, s = check_binary(y, scores, what="an operating point")
     if kind == "argmax":
         sens, spec = _rates(y, s, 0.5)
         return OperatingPoint(rule, 0.5, sens, spec, True, "")
@@ -203,19 +188,9 @@ class PlattScaler:
         self.b_: float | None = None
 
     def fit(self, z, y) -> "PlattScaler":
-        zz = np.asarray(z, dtype=float)
-        yy = np.asarray(y)
-        if zz.ndim != 1 or yy.shape != zz.shape or zz.size == 0:
-            raise DataError(f"z and y must be 1-D of equal length, got {zz.shape}, {yy.shape}")
-        if not np.all(np.isfinite(zz)):
-            raise DataError("z contains NaN or infinite values")
-        if not np.all(np.isin(yy, (0, 1))):
-            raise DataError("binary labels must be 0 or 1")
-        yy = yy.astype(int)
+        yy, zz = check_binary(y, z, name="z", what="Platt scaling")
         n_pos = int(yy.sum())
         n_neg = yy.size - n_pos
-        if n_pos == 0 or n_neg == 0:
-            raise DataError("only one class present; Platt scaling needs positives and negatives")
         t = np.where(yy == 1, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
 
         def loss(ab):

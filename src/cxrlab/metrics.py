@@ -39,7 +39,7 @@ def _z(alpha: float) -> float:
     return float(NormalDist().inv_cdf(1.0 - alpha / 2.0))
 
 
-def _binary(y, scores, *, need_both: bool = True, name: str = "scores"):
+def check_binary(y, scores, *, need_both: bool = True, name: str = "scores", what: str = "this metric"):
     """Validate and return (y as int 0/1 array, scores as float array)."""
     y = np.asarray(y)
     s = np.asarray(scores, dtype=float)
@@ -62,7 +62,7 @@ def _binary(y, scores, *, need_both: bool = True, name: str = "scores"):
             only = "positive (1)" if n_pos else "negative (0)"
             raise DataError(
                 f"only one class present ({y.size} samples, all {only}); "
-                "this metric needs both positives and negatives"
+                f"{what} needs both positives and negatives"
             )
     return y, s
 
@@ -108,7 +108,7 @@ def _clf_curve(y, s):
 
 def roc_curve(y, scores):
     """(fpr, tpr, thresholds); thresholds descending, the first +inf (sklearn-style)."""
-    y, s = _binary(y, scores)
+    y, s = check_binary(y, scores)
     fps, tps, thr = _clf_curve(y, s)
     fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
     return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thr]
@@ -116,7 +116,7 @@ def roc_curve(y, scores):
 
 def roc_auc(y, scores) -> float:
     """Mann-Whitney AUC, ties counted 1/2; DataError if only one class."""
-    y, s = _binary(y, scores)
+    y, s = check_binary(y, scores)
     ranks = _midranks(s)  # average ranks handle ties as 1/2
     n1 = int(y.sum())
     n0 = y.size - n1
@@ -130,7 +130,7 @@ def _midrank(x: np.ndarray) -> np.ndarray:
 
 def delong_ci(y, scores, alpha: float = 0.05) -> tuple[float, float, float]:
     """(auc, lo, hi) with DeLong's variance (fast midrank algorithm), clipped to [0, 1]."""
-    y, s = _binary(y, scores)
+    y, s = check_binary(y, scores)
     z = _z(alpha)
     pos, neg = s[y == 1], s[y == 0]
     m, n = pos.size, neg.size
@@ -147,7 +147,7 @@ def delong_ci(y, scores, alpha: float = 0.05) -> tuple[float, float, float]:
 
 def pr_curve(y, scores):
     """(precision, recall, thresholds) like sklearn's precision_recall_curve."""
-    y, s = _binary(y, scores)
+    y, s = check_binary(y, scores)
     fps, tps, thr = _clf_curve(y, s)
     ps = tps + fps
     precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
@@ -164,7 +164,7 @@ def average_precision(y, scores) -> float:
 # ------------------------------------------------------------ calibration
 def brier_score(y, p) -> float:
     """Mean squared difference between P(positive) and the 0/1 outcome."""
-    y, p = _binary(y, p, need_both=False, name="p")
+    y, p = check_binary(y, p, need_both=False, name="p")
     return float(np.mean((p - y) ** 2))
 
 
@@ -178,7 +178,7 @@ def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
 
 def reliability_bins(y, p, n_bins: int = 10) -> dict:
     """Equal-width bins on p: edges, mean predicted, fraction positive, count (NaN if empty)."""
-    y, p = _binary(y, p, need_both=False, name="p")
+    y, p = check_binary(y, p, need_both=False, name="p")
     idx = _bin_index(p, n_bins)
     count = np.bincount(idx, minlength=n_bins)
     sum_p = np.bincount(idx, weights=p, minlength=n_bins)
@@ -204,7 +204,7 @@ def expected_calibration_error(y, p, n_bins: int = 10) -> float:
 # ---------------------------------------------------------------- reports
 def binary_report(y_true, scores, threshold: float, *, alpha: float = 0.05) -> dict:
     """Confusion counts, proportions with Wilson CIs, AUC with DeLong CI, Brier, ECE."""
-    y, s = _binary(y_true, scores)
+    y, s = check_binary(y_true, scores)
     if not np.isfinite(threshold):
         raise DataError(f"threshold must be finite, got {threshold!r}")
     pred = s >= threshold
@@ -327,7 +327,7 @@ def who_verdict(report: dict, *, min_sensitivity: float = 0.90, min_specificity:
 def bootstrap_ci(fn: Callable, y, scores, *, n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05) -> tuple[float, float]:
     """Percentile CI of fn(y, scores) under a stratified bootstrap (classes resampled separately)."""
-    y, s = _binary(y, scores)
+    y, s = check_binary(y, scores)
     _z(alpha)
     if n_boot < 1:
         raise DataError(f"n_boot must be >= 1, got {n_boot}")
