@@ -61,14 +61,14 @@ def _arrays(pixels, size):
 def _scores(module, head_W, head_b, X, size, tta=False):
     import torch
 
-    from cxrlab.finetune import _resize_to, _to_tensor
+    from cxrlab.finetune import _cl, _resize_to, _to_tensor
 
     W, b = torch.from_numpy(head_W), torch.from_numpy(head_b)
     out = []
     module.eval()
     with torch.no_grad():
         for i in range(0, len(X), 32):
-            x = _resize_to(_to_tensor(X[i : i + 32]), size)
+            x = _cl(_resize_to(_to_tensor(X[i : i + 32]), size))
             logits = module(x)[0] @ W.T + b
             if tta:  # average logits over small zooms/rotations (linear head: = averaging embeddings)
                 import torch.nn.functional as F
@@ -89,7 +89,9 @@ def run_variant(name, options, pixels, y, fold, inner_val, run_folds, *, seed, t
     import torch
 
     from cxrlab.backbones import _weights_path, get_spec
-    from cxrlab.calibrate import TemperatureScaler, choose_operating_point, softmax
+    from scipy.special import expit
+
+    from cxrlab.calibrate import PlattScaler, TemperatureScaler, choose_operating_point, softmax
     from cxrlab.finetune import fine_tune
     from cxrlab.metrics import binary_report, roc_auc
     from cxrlab.siteshift import shift_rows
@@ -105,7 +107,8 @@ def run_variant(name, options, pixels, y, fold, inner_val, run_folds, *, seed, t
         t0 = time.time()
         res = fine_tune(base, _weights_path(base), X[tr], y[tr], X[va], y[va], seed=seed, options=copy.deepcopy(options),
                         on_epoch=lambda r: print(f"  [{name} fold {f}] epoch {r['epoch']}: loss {r['loss']:.3f} "
-                                                 f"val AUC {r.get('val_auc', float('nan')):.3f}", flush=True))
+                                                 f"val AUC {r.get('val_auc', float('nan')):.3f} "
+                                                 f"val acc {r.get('val_accuracy', float('nan')):.3f}", flush=True))
         minutes = (time.time() - t0) / 60
         row = {"fold": f, "n": int(test.sum()), "train_minutes": round(minutes, 2), "best_epoch": res.best_epoch,
                "history": res.history}
@@ -113,26 +116,29 @@ def run_variant(name, options, pixels, y, fold, inner_val, run_folds, *, seed, t
             z_va = _scores(res.module, res.head_W, res.head_b, X[va], size, use_tta)
             z_te = _scores(res.module, res.head_W, res.head_b, X[test], size, use_tta)
             T = TemperatureScaler().fit(z_va, y[va]).temperature_
-            p_va, p_te = softmax(z_va / T)[:, 1], softmax(z_te / T)[:, 1]
+            platt = PlattScaler().fit(z_va[:, 1] - z_va[:, 0], y[va])  # what `cxrlab train --fine-tune` folds in
+            p_va, p_te = platt.transform(z_va[:, 1] - z_va[:, 0]), platt.transform(z_te[:, 1] - z_te[:, 0])
             op = choose_operating_point(y[va], p_va, "who")
             rep = binary_report(y[test], p_te, op.threshold)
             key = "tta" if use_tta else "plain"
             row[key] = {"auc": roc_auc(y[test], p_te), "accuracy": float(np.mean((p_te >= 0.5) == y[test])),
+                        "accuracy_temperature": float(np.mean((softmax(z_te / T)[:, 1] >= 0.5) == y[test])),
                         "sensitivity": rep["sensitivity"], "specificity": rep["specificity"],
                         "threshold": op.threshold}
             if not use_tta:
-                row["T"], row["threshold"] = float(T), op.threshold
+                row["platt"], row["threshold"] = (platt.a_, platt.b_), op.threshold
         print(f"{name} fold {f}: AUC {row['plain']['auc']:.3f} acc {row['plain']['accuracy']:.3f} "
+              f"(temperature only {row['plain']['accuracy_temperature']:.3f}) "
               f"sens {row['plain']['sensitivity']:.3f} spec {row['plain']['specificity']:.3f} "
               + (f"| TTA AUC {row['tta']['auc']:.3f} acc {row['tta']['accuracy']:.3f} " if tta else "")
               + f"| {minutes:.1f} min training, best epoch {res.best_epoch}", flush=True)
         if site_shift:
             idx = np.flatnonzero(test)
-            W, b, T = res.head_W, res.head_b, row["T"]
+            W, b, platt_ab = res.head_W, res.head_b, row["platt"]
 
             def score(batch, module=res.module):
                 z = _scores(module, W, b, batch.astype(np.float32), size)
-                return softmax(z / T)[:, 1]
+                return expit(platt_ab[0] * (z[:, 1] - z[:, 0]) + platt_ab[1])
 
             shift_by_fold.append(shift_rows(y[idx], [pixels[i] for i in idx], size, score, row["threshold"]))
         rows.append(row)

@@ -54,6 +54,8 @@ def test_fine_tune_writes_a_model_dir_that_predict_evaluate_explain_accept(tuned
     assert info["backbone"]["input_size"] == 64 and info["backbone"]["weights_sha256"] == ft["weights_sha256"]
     assert info["head"]["solver"] == "fine-tune" and 0 < info["operating_point"]["threshold"] < 1
     assert "ood" in info and result.final_test_accuracy is not None
+    assert info["calibration"]["method"] == "platt" and info["calibration"]["folded_into_head"]
+    assert "simulated site shifts" in info["operating_point"]["data"]
 
     model = cxrlab.load_model(out)
     preds = model.predict([str(root)])

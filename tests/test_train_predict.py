@@ -131,3 +131,36 @@ def test_summaries_dir_writes_tensorboard_scalars(trained, tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train_accuracy", "cross_entropy", "validation_accuracy", "test/auc"} <= tags
+
+
+def test_affine_head_is_platt_scaling_folded_into_the_weights():
+    import numpy as np
+
+    from cxrlab.calibrate import PlattScaler, softmax
+    from cxrlab.head import AffineHead, LinearHead
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 8)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * rng.normal(size=200) > 0.3).astype(int)
+    head = LinearHead(C=1.0).fit(X[:120], y[:120])
+    z = head.decision_function(X[120:])
+    platt = PlattScaler().fit(z[:, 1] - z[:, 0], y[120:])
+    folded = AffineHead(head, platt.a_, platt.b_)
+    np.testing.assert_allclose(softmax(folded.decision_function(X[120:]))[:, 1],
+                               platt.transform(z[:, 1] - z[:, 0]), atol=1e-5)
+    np.testing.assert_allclose(folded.rescale(z), folded.decision_function(X[120:]), atol=1e-4)
+
+
+def test_platt_calibration_is_recorded_and_exported(trained, tmp_path):
+    import numpy as np
+
+    root, _, _ = trained
+    result = cxrlab.train(root, output=tmp_path / "platt", validation_percentage=20, testing_percentage=20,
+                          calibration="platt", report=False, ood=False)
+    cal = json.loads((result.model_dir / "cxrlab.json").read_text())["calibration"]
+    assert cal["method"] == "platt" and cal["platt_a"] > 0 and cal["folded_into_head"] and cal["temperature"] == 1.0
+    preds = cxrlab.load_model(result.model_dir).predict([str(root)])
+    assert all(abs(sum(p.scores.values()) - 1) < 1e-4 for p in preds)
+    assert np.mean([max(p.scores, key=p.scores.get) == p.path.split("/")[-2] for p in preds]) >= 0.8
+    with pytest.raises(Exception, match="unknown calibration"):
+        cxrlab.train(root, output=tmp_path / "bad", calibration="isotonic", report=False, ood=False)

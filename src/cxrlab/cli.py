@@ -52,6 +52,8 @@ def add_train_options(p) -> None:
     _flag(p, "print_misclassified_test_images", action="store_true")
     _flag(p, "positive_label", help="the class that counts as positive (default: abnormal)")
     _flag(p, "operating_point", default="who", help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on validation")
+    _flag(p, "robust_operating_point", action=argparse.BooleanOptionalAction, default=True,
+          help="choose the threshold on the validation images under simulated site shifts too (default: on)")
     _flag(p, "flip_left_right", action="store_true")
     _flag(p, "random_crop", type=float, default=0.0)
     _flag(p, "random_scale", type=float, default=0.0)
@@ -100,6 +102,7 @@ def train_kwargs(a) -> dict:
                 train_batch_size=a.train_batch_size, eval_step_interval=a.eval_step_interval,
                 validation_batch_size=a.validation_batch_size, test_batch_size=a.test_batch_size,
                 positive_label=a.positive_label, operating_point=a.operating_point,
+                robust_operating_point=a.robust_operating_point,
                 flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
                 random_brightness=a.random_brightness, ood=not a.no_ood, report=not a.no_report, seed=a.seed,
                 summaries_dir=a.summaries_dir, precision=a.precision, workers=a.workers, batch_size=a.batch_size,

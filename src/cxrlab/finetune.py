@@ -71,8 +71,11 @@ class FineTuneOptions:
     #   folded-in standardisation gives large weights that diverge once the backbone moves (loss 6.4 at lr 1e-3)
     trainable_units: int = -1  # -1: all; else the last N units (EfficientNet: 18 = stem, 16 blocks, head conv)
     freeze_bn: bool = False  # keep BatchNorm statistics from ImageNet; tried True
+    bn_momentum: float = 0.0  # BatchNorm running-statistics momentum while training (0: the backbone's own, 0.01
+    #   for EfficientNet-Lite); tried 0.1: same AUC, validation accuracy at 0.5 lower (0.78 vs 0.87, fold 0)
     label_smoothing: float = 0.0  # tried 0.1
     dropout: float = 0.0  # on the raw embedding; >0 shifts a warm-started head's folded-in mean (epoch-1 loss 1.03 at 0.2)
+    ema: float = 0.0  # exponential moving average of the weights (decay per step; 0: off), evaluated and exported
     patience: int = 0  # early stopping after this many epochs without a better validation AUC (0: off)
     input_size: int | None = None  # None: the backbone's
     intensity: str = "window"  # none | window (per-image 1-99 percentile) | standardize (per-image mean/std)
@@ -289,6 +292,10 @@ def _resize_to(t, size: int):
     return F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
+def _cl(t):
+    return t.contiguous(memory_format=_torch().channels_last)
+
+
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
     from .metrics import roc_auc
 
@@ -328,10 +335,15 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
     torch.use_deterministic_algorithms(True)
     try:
         gen = torch.Generator().manual_seed(seed)
-        module = _wrap(spec.builder(spec, Path(weights_path)), make_intensity(opts.intensity, size))
+        # channels_last: oneDNN's fast path for these convolutions on CPU (measured 1.9x per training step)
+        module = _wrap(spec.builder(spec, Path(weights_path)), make_intensity(opts.intensity, size)).to(
+            memory_format=torch.channels_last)
         Xtr, Xva = _to_tensor(X_train), _to_tensor(X_val)
         Xva = _resize_to(Xva, size) if len(Xva) else Xva
         head = torch.nn.Linear(spec.embed_dim, k)
+        for m in module.modules():
+            if opts.bn_momentum > 0 and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = opts.bn_momentum
         units = _units(module.backbone)
         n_train = len(units) if opts.trainable_units < 0 else min(opts.trainable_units, len(units))
         frozen, trainable = units[: len(units) - n_train], units[len(units) - n_train :]
@@ -355,7 +367,7 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
             out = []
             with torch.no_grad():
                 for i in range(0, len(X), bs):
-                    out.append(module(_resize_to(X[i : i + bs], size))[0])
+                    out.append(module(_cl(_resize_to(X[i : i + bs], size)))[0])
             return torch.cat(out) if out else torch.zeros(0, spec.embed_dim)
 
         history: list[dict] = []
@@ -402,6 +414,7 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
             best["auc"] = history[0]["val_auc"]
         bad = 0
         last = ""
+        ema = _Ema(module, head, opts.ema) if opts.ema > 0 else None
         for epoch in range(1, opts.epochs + 1):
             set_mode(True)
             order = torch.randperm(len(Xtr), generator=gen)
@@ -409,7 +422,7 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
             losses, correct = [], 0
             for i in range(0, len(Xtr), opts.batch_size):
                 idx = order[i : i + opts.batch_size]
-                xb = augment_batch(Xtr[idx], size, opts.augment, gen)
+                xb = _cl(augment_batch(Xtr[idx], size, opts.augment, gen))
                 emb = module(xb)[0]
                 logits = head(dropout(emb))
                 loss = loss_fn(logits, ytr_t[idx])
@@ -417,11 +430,14 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
                 loss.backward()
                 opt.step()
                 sched.step()
+                if ema is not None:
+                    ema.update()
                 losses.append(float(loss.detach()))
                 correct += int((logits.argmax(1) == ytr_t[idx]).sum())
                 progress.advance()
             progress.close()
             row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": correct / len(Xtr)}
+            live = ema.swap_in() if ema is not None else None  # evaluate (and keep) the averaged weights
             if len(Xva):
                 with torch.no_grad():
                     lv = head(embed(Xva))
@@ -438,6 +454,8 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
             else:
                 bad += 1
             row["best"] = best["epoch"] == epoch
+            if live is not None:
+                ema.swap_out(live)
             history.append(row)
             last = f" (last: loss {row['loss']:.3f}" + (f", val AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else "") + ")"
             if on_epoch is not None:
@@ -452,6 +470,36 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
                               round(time.time() - started, 1))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+
+
+class _Ema:
+    """Shadow copy of module + head weights, w <- w + (1 - d) (w_live - w), d = min(decay, (1 + t) / (10 + t))."""
+
+    def __init__(self, module, head, decay: float):
+        self.parts, self.decay, self.t = (module, head), decay, 0
+        self.shadow = [copy.deepcopy(m.state_dict()) for m in self.parts]
+
+    def update(self) -> None:
+        torch = _torch()
+        self.t += 1
+        d = min(self.decay, (1 + self.t) / (10 + self.t))
+        with torch.no_grad():
+            for m, shadow in zip(self.parts, self.shadow):
+                for name, live in m.state_dict().items():
+                    if live.dtype.is_floating_point:
+                        shadow[name].lerp_(live, 1.0 - d)
+                    else:
+                        shadow[name].copy_(live)
+
+    def swap_in(self) -> list[dict]:
+        live = [copy.deepcopy(m.state_dict()) for m in self.parts]
+        for m, shadow in zip(self.parts, self.shadow):
+            m.load_state_dict(shadow)
+        return live
+
+    def swap_out(self, live: list[dict]) -> None:
+        for m, state in zip(self.parts, live):
+            m.load_state_dict(state)
 
 
 def state_sha256(module, extra: dict | None = None) -> str:

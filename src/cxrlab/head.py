@@ -181,6 +181,23 @@ class LinearHead:
         return self.decision_function(X).argmax(axis=1)
 
 
+class AffineHead:
+    """A binary head with Platt scaling folded into its weights: softmax gives sigmoid(a (z1 - z0) + b)."""
+
+    def __init__(self, head, a: float, b: float):
+        self.raw, self.a, self.b = head, float(a), float(b)
+        self.coef_ = (np.asarray(head.coef_) * self.a).astype(np.float32)
+        self.intercept_ = (np.asarray(head.intercept_) * self.a + np.array([0.0, self.b])).astype(np.float32)
+        self.n_iter_ = getattr(head, "n_iter_", 0)
+
+    def rescale(self, Z) -> np.ndarray:
+        """The raw head's logits -> this head's."""
+        return np.asarray(Z) * self.a + np.array([0.0, self.b])
+
+    def decision_function(self, X) -> np.ndarray:
+        return np.asarray(X, np.float32) @ self.coef_.T + self.intercept_
+
+
 def select_C(X, y, X_val, y_val, *, grid=C_GRID, seed: int = 0, steps: int = 4000) -> tuple[float, list[dict]]:
     """Pick the regularisation strength with the lowest validation cross-entropy."""
     if X_val is None or len(X_val) == 0 or len(np.unique(y_val)) < 2:

@@ -74,10 +74,12 @@ def write_run_report(result, image_dir, *, entries, probs_by_relpath, info) -> N
     summary = [f"Backbone: {(info.get('backbone') or {}).get('id', '?')}"]
     cal = info.get("calibration") or {}
     if cal:
-        summary.append(f"Calibration: {cal.get('method')} (temperature {_num(cal.get('temperature'), 3)})")
+        detail = (f"a {_num(cal.get('platt_a'), 3)}, b {_num(cal.get('platt_b'), 3)}" if cal.get("method") == "platt"
+                  else f"temperature {_num(cal.get('temperature'), 3)}")
+        summary.append(f"Calibration: {cal.get('method')} ({detail}; fitted on the {cal.get('data', 'validation split')})")
     if op:
         summary.append(f"Operating point: {op.get('rule')} at threshold {_num(threshold, 4)} "
-                       "(chosen on the validation split)")
+                       f"(chosen on the {op.get('data', 'validation split')})")
     heat = _run_heatmaps(getattr(result, "model_dir", None), image_dir, rows, labels, notes)
     if heat is not None:
         metrics["heatmaps"] = heat["summary"]

@@ -16,12 +16,12 @@ import numpy as np
 from . import __version__
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
-from .calibrate import OperatingPoint, TemperatureScaler, choose_operating_point, softmax
+from .calibrate import OperatingPoint, PlattScaler, TemperatureScaler, choose_operating_point, softmax
 from .discover import discover
 from .embed import Embedder, SkippedFile
 from .errors import DataError
 from .graph import fuse_head
-from .head import LinearHead, StepInfo, select_C
+from .head import AffineHead, LinearHead, StepInfo, select_C
 from .metrics import binary_report, multiclass_report, who_verdict
 from .modeldir import save_model
 from .progress import Progress
@@ -84,7 +84,8 @@ def train(
     test_batch_size: int = -1,
     positive_label: str | None = None,
     operating_point: str = "who",
-    calibration: str = "temperature",
+    robust_operating_point: bool = True,
+    calibration: str = "auto",
     flip_left_right: bool = False,
     random_crop: float = 0.0,
     random_scale: float = 0.0,
@@ -106,6 +107,8 @@ def train(
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory."""
     started = time.time()
+    if calibration not in ("auto", "temperature", "platt", "none"):
+        raise DataError(f"unknown calibration {calibration!r}; use auto, temperature, platt or none")
     image_dir = Path(image_dir)
     dataset = discover(image_dir, label_from_name=label_from_name, label_map=label_map)
     notes = list(dataset.warnings)
@@ -203,20 +206,48 @@ def train(
                                     group_regex)
         Z_cal, y_cal = np.concatenate([Z_oof, Z_cal]), np.concatenate([y_tr, y_va])
         cal_source = f"validation split + out-of-fold training scores ({OOF_FOLDS} folds)"
-    temperature = 1.0
-    if calibration == "temperature" and len(Z_cal) and len(np.unique(y_cal)) >= 2:
+    if calibration == "auto":  # a fine-tuned network's logits can be shifted as well as over-confident
+        calibration = "platt" if ft is not None and len(labels) == 2 else "temperature"
+    temperature, platt = 1.0, None
+    usable = len(Z_cal) and len(np.unique(y_cal)) >= 2
+    if calibration == "platt" and len(labels) == 2 and usable:
+        platt = PlattScaler().fit(Z_cal[:, 1] - Z_cal[:, 0], y_cal)
+        if platt.a_ > 0:
+            head = AffineHead(head, platt.a_, platt.b_)  # folded into the exported head: one contract for predict
+            Z_cal = head.rescale(Z_cal)
+        else:  # scores anti-correlated with the labels on validation: a warning sign, not something to fold in
+            notes.append(f"Platt calibration gave slope {platt.a_:.3g} <= 0 on validation; calibration skipped")
+            platt = None
+    elif calibration == "platt" and len(labels) != 2:
+        raise DataError("Platt calibration needs exactly two labels; use calibration='temperature'")
+    elif calibration == "temperature" and usable:
         temperature = float(TemperatureScaler().fit(Z_cal, y_cal).temperature_)
-    elif calibration == "temperature":
-        notes.append("no usable validation split: calibration skipped (temperature 1)")
+    elif calibration != "none":
+        notes.append(f"no usable validation split: calibration skipped ({calibration} not fitted)")
 
     def probs(X):
         return softmax(head.decision_function(X) / temperature) if len(X) else np.zeros((0, len(labels)))
 
+    digest_of = {Path(p).relative_to(image_dir).as_posix(): d for p, d in zip(emb.paths, emb.digests)}
     op: OperatingPoint | None = None
+    op_source = cal_source
     if positive is not None and len(labels) == 2:
         pos = label_index[positive]
-        if len(Z_cal) and len(np.unique(y_cal)) == 2:
-            op = choose_operating_point((y_cal == pos).astype(int), softmax(Z_cal / temperature)[:, pos], operating_point)
+        Z_op, y_op = Z_cal, y_cal
+        if robust_operating_point and len(np.unique(y_va)) == 2:
+            # Other hospitals' X-rays score differently; choosing the threshold on the validation images
+            # under simulated site shifts as well keeps e.g. the WHO sensitivity from collapsing there.
+            from .augment import SITE_SHIFTS, site_shift_embeddings
+
+            for k in range(len(labels)):
+                rows_k = [e for e, yy in zip(rows_va, y_va) if yy == k]
+                X_k = site_shift_embeddings(embedder, [image_dir / e.relpath for e in rows_k],
+                                            [digest_of[e.relpath] for e in rows_k], store=store, progress=progress)
+                Z_op = np.concatenate([Z_op, head.decision_function(X_k)])
+                y_op = np.concatenate([y_op, np.full(len(X_k), k)])
+            op_source = f"{cal_source} + the validation images under {len(SITE_SHIFTS)} simulated site shifts"
+        if len(Z_op) and len(np.unique(y_op)) == 2:
+            op = choose_operating_point((y_op == pos).astype(int), softmax(Z_op / temperature)[:, pos], operating_point)
             if op.note:
                 notes.append(op.note)
         else:
@@ -237,7 +268,7 @@ def train(
             pos = label_index[positive]
             metrics["test"] = binary_report((y_te == pos).astype(int), P_te[:, pos], op.threshold)
             metrics["test"]["who_verdict"] = who_verdict(metrics["test"])
-            P_uncal = softmax(head.decision_function(X_te))[:, pos]
+            P_uncal = softmax(getattr(head, "raw", head).decision_function(X_te))[:, pos]
             metrics["test"]["ece_uncalibrated"] = binary_report((y_te == pos).astype(int), P_uncal, op.threshold)["ece"]
         else:
             metrics["test"] = multiclass_report(y_te, P_te, labels)
@@ -255,9 +286,11 @@ def train(
         "backbone": {**bb.spec.to_dict(), "id": bb.id, "weights_sha256": bb.weights_sha256, "onnx_outputs": list(bb.outputs),
                      "precision": bb.precision, "calibration_sha256": bb.calibration_sha256},
         "head": {"type": "linear-softmax", "solver": solver, "C": C, "n_iter": head.n_iter_, "C_search": c_search},
-        "calibration": {"method": calibration if temperature != 1.0 else "none", "temperature": temperature,
+        "calibration": {"method": "platt" if platt else calibration if temperature != 1.0 else "none",
+                        "temperature": temperature,
+                        **({"platt_a": platt.a_, "platt_b": platt.b_, "folded_into_head": True} if platt else {}),
                         "data": cal_source, "n": int(len(y_cal))},
-        "operating_point": op.to_dict() if op else None,
+        "operating_point": {**op.to_dict(), "data": op_source} if op else None,
         "split": {"manifest_sha256": manifest.digest(), "counts": manifest.counts(),
                   "validation_percentage": validation_percentage, "testing_percentage": testing_percentage,
                   "group_regex": group_regex, "label_from_name": label_from_name},
@@ -282,7 +315,6 @@ def train(
 
         from .augment import site_shift_embeddings
 
-        digest_of = {Path(p).relative_to(image_dir).as_posix(): d for p, d in zip(emb.paths, emb.digests)}
         sample = rows_tr[:: max(1, len(rows_tr) // OOD_SHIFT_IMAGES)][:OOD_SHIFT_IMAGES]
         X_shift = site_shift_embeddings(embedder, [image_dir / e.relpath for e in sample],
                                         [digest_of[e.relpath] for e in sample], store=store, progress=progress)
