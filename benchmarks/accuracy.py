@@ -4,10 +4,12 @@
         [--ft KEY=VALUE ...] [--tta] [--site-shift] [--output results.json]
 
 Folds are crossval.assign_folds (the `cxrlab cv` folds); the inner validation split (head warm-up's C,
-best epoch, temperature, operating point) is a stratified fifth of the training folds, as in `cxrlab cv`.
-Prints per fold and mean ± sd: AUC, accuracy (argmax), sensitivity/specificity at the operating point
-chosen on validation, minutes of training per fold; with --site-shift, the site-shift table per variant
-(test folds, pooled) at each fold's stored operating point.
+best epoch, Platt calibration, operating point) is a stratified fifth of the training folds, as in `cxrlab cv`.
+Prints per fold and mean ± sd: AUC, accuracy at 0.5 after Platt calibration (as `cxrlab train --fine-tune`
+exports it), sensitivity/specificity at the WHO operating point chosen on the clean validation images,
+minutes of training per fold; --tta adds the same numbers with 4 and 8 test-time views (one trained
+model per fold, scored several ways); with --site-shift, the site-shift table per variant (test folds,
+pooled) at each fold's operating point, scored the way the variant's exported model scores.
 """
 
 from __future__ import annotations
@@ -58,31 +60,31 @@ def _arrays(pixels, size):
     return np.stack([np.round(resize(p, size) * 255).astype(np.uint8) for p in pixels])
 
 
-def _scores(module, head_W, head_b, X, size, tta=False):
+def _view_logits(module, head_W, head_b, X, size, views=0):
+    """(1 + views, N, k) logits: the identity, then the first ``views`` of finetune.TTA_VIEWS (the exported TTA)."""
     import torch
+    import torch.nn.functional as F
 
-    from cxrlab.finetune import _cl, _resize_to, _to_tensor
+    from cxrlab.finetune import _cl, _resize_to, _to_tensor, tta_grids
 
     W, b = torch.from_numpy(head_W), torch.from_numpy(head_b)
+    grids = tta_grids(size, views) if views else None
     out = []
     module.eval()
     with torch.no_grad():
         for i in range(0, len(X), 32):
-            x = _cl(_resize_to(_to_tensor(X[i : i + 32]), size))
-            logits = module(x)[0] @ W.T + b
-            if tta:  # average logits over small zooms/rotations (linear head: = averaging embeddings)
-                import torch.nn.functional as F
+            x = _resize_to(_to_tensor(X[i : i + 32]), size)
+            per_view = [module(_cl(x))[0] @ W.T + b]
+            for v in range(views):
+                g = grids[v : v + 1].expand(len(x), -1, -1, -1)
+                per_view.append(module(_cl(F.grid_sample(x, g, mode="bilinear", padding_mode="zeros",
+                                                         align_corners=False)))[0] @ W.T + b)
+            out.append(torch.stack(per_view).numpy())
+    return np.concatenate(out, axis=1).astype(np.float64)
 
-                views = [logits]
-                for ang, zoom in ((0.0, 1.06), (4.0, 1.0), (-4.0, 1.0)):
-                    a = np.radians(ang)
-                    theta = torch.tensor([[np.cos(a) / zoom, -np.sin(a) / zoom, 0], [np.sin(a) / zoom, np.cos(a) / zoom, 0]],
-                                         dtype=torch.float32).expand(len(x), 2, 3)
-                    g = F.affine_grid(theta, list(x.shape), align_corners=False)
-                    views.append(module(F.grid_sample(x, g, align_corners=False))[0] @ W.T + b)
-                logits = torch.stack(views).mean(0)
-            out.append(logits.numpy())
-    return np.concatenate(out).astype(np.float64)
+
+def _scores(module, head_W, head_b, X, size, views=0):
+    return _view_logits(module, head_W, head_b, X, size, views).mean(0)
 
 
 def run_variant(name, options, pixels, y, fold, inner_val, run_folds, *, seed, tta, site_shift, threads):
@@ -112,35 +114,38 @@ def run_variant(name, options, pixels, y, fold, inner_val, run_folds, *, seed, t
         minutes = (time.time() - t0) / 60
         row = {"fold": f, "n": int(test.sum()), "train_minutes": round(minutes, 2), "best_epoch": res.best_epoch,
                "history": res.history}
-        for use_tta in ([False, True] if tta else [False]):
-            z_va = _scores(res.module, res.head_W, res.head_b, X[va], size, use_tta)
-            z_te = _scores(res.module, res.head_W, res.head_b, X[test], size, use_tta)
+        view_counts = sorted({0, options.tta_views if options.tta else 0} | ({3, 7} if tta else set()))
+        L_va = _view_logits(res.module, res.head_W, res.head_b, X[va], size, max(view_counts))
+        L_te = _view_logits(res.module, res.head_W, res.head_b, X[test], size, max(view_counts))
+        for views in view_counts:
+            z_va, z_te = L_va[: 1 + views].mean(0), L_te[: 1 + views].mean(0)
             T = TemperatureScaler().fit(z_va, y[va]).temperature_
             platt = PlattScaler().fit(z_va[:, 1] - z_va[:, 0], y[va])  # what `cxrlab train --fine-tune` folds in
             p_va, p_te = platt.transform(z_va[:, 1] - z_va[:, 0]), platt.transform(z_te[:, 1] - z_te[:, 0])
             op = choose_operating_point(y[va], p_va, "who")
             rep = binary_report(y[test], p_te, op.threshold)
-            key = "tta" if use_tta else "plain"
+            key = f"tta{views}" if views else "plain"
             row[key] = {"auc": roc_auc(y[test], p_te), "accuracy": float(np.mean((p_te >= 0.5) == y[test])),
                         "accuracy_temperature": float(np.mean((softmax(z_te / T)[:, 1] >= 0.5) == y[test])),
                         "sensitivity": rep["sensitivity"], "specificity": rep["specificity"],
-                        "threshold": op.threshold}
-            if not use_tta:
-                row["platt"], row["threshold"] = (platt.a_, platt.b_), op.threshold
+                        "threshold": op.threshold, "platt": (platt.a_, platt.b_)}
+        deployed = row[f"tta{options.tta_views}" if options.tta else "plain"]  # what the exported model does
         print(f"{name} fold {f}: AUC {row['plain']['auc']:.3f} acc {row['plain']['accuracy']:.3f} "
               f"(temperature only {row['plain']['accuracy_temperature']:.3f}) "
               f"sens {row['plain']['sensitivity']:.3f} spec {row['plain']['specificity']:.3f} "
-              + (f"| TTA AUC {row['tta']['auc']:.3f} acc {row['tta']['accuracy']:.3f} " if tta else "")
+              + "".join(f"| TTA x{v + 1} AUC {row[f'tta{v}']['auc']:.3f} acc {row[f'tta{v}']['accuracy']:.3f} "
+                        for v in view_counts[1:])
               + f"| {minutes:.1f} min training, best epoch {res.best_epoch}", flush=True)
         if site_shift:
             idx = np.flatnonzero(test)
-            W, b, platt_ab = res.head_W, res.head_b, row["platt"]
+            W, b, platt_ab = res.head_W, res.head_b, deployed["platt"]
+            views = options.tta_views if options.tta else 0
 
             def score(batch, module=res.module):
-                z = _scores(module, W, b, batch.astype(np.float32), size)
+                z = _scores(module, W, b, batch.astype(np.float32), size, views)
                 return expit(platt_ab[0] * (z[:, 1] - z[:, 0]) + platt_ab[1])
 
-            shift_by_fold.append(shift_rows(y[idx], [pixels[i] for i in idx], size, score, row["threshold"]))
+            shift_by_fold.append(shift_rows(y[idx], [pixels[i] for i in idx], size, score, deployed["threshold"]))
         rows.append(row)
     return rows, shift_by_fold
 
@@ -222,15 +227,16 @@ def main(argv=None):
                                    site_shift=a.site_shift, threads=a.threads)
         entry = {"options": options.to_dict(), "folds": rows, "summary": summary(rows),
                  "minutes_per_fold": float(np.mean([r["train_minutes"] for r in rows]))}
-        if a.tta:
-            entry["summary_tta"] = summary(rows, "tta")
+        for key in [k for k in rows[0] if k.startswith("tta")]:
+            entry[f"summary_{key}"] = summary(rows, key)
         s = entry["summary"]
         print(f"{name}: AUC {s['auc'][0]:.3f} ± {s['auc'][1]:.3f}  accuracy {s['accuracy'][0]:.3f} ± {s['accuracy'][1]:.3f}  "
               f"sens {s['sensitivity'][0]:.3f} spec {s['specificity'][0]:.3f}  "
               f"({entry['minutes_per_fold']:.1f} min training per fold, {len(rows)} fold(s))", flush=True)
-        if a.tta:
-            t = entry["summary_tta"]
-            print(f"{name} + TTA: AUC {t['auc'][0]:.3f} ± {t['auc'][1]:.3f}  accuracy {t['accuracy'][0]:.3f} ± {t['accuracy'][1]:.3f}")
+        for key in [k for k in rows[0] if k.startswith("tta")]:
+            t = entry[f"summary_{key}"]
+            print(f"{name} + TTA x{int(key[3:]) + 1}: AUC {t['auc'][0]:.3f} ± {t['auc'][1]:.3f}  accuracy "
+                  f"{t['accuracy'][0]:.3f} ± {t['accuracy'][1]:.3f}  sens {t['sensitivity'][0]:.3f} spec {t['specificity'][0]:.3f}")
         if shifts:
             from cxrlab.siteshift import format_rows
 

@@ -162,5 +162,9 @@ def test_platt_calibration_is_recorded_and_exported(trained, tmp_path):
     preds = cxrlab.load_model(result.model_dir).predict([str(root)])
     assert all(abs(sum(p.scores.values()) - 1) < 1e-4 for p in preds)
     assert np.mean([max(p.scores, key=p.scores.get) == p.path.split("/")[-2] for p in preds]) >= 0.8
+    robust = cxrlab.train(root, output=tmp_path / "robust", validation_percentage=20, testing_percentage=20,
+                          robust_operating_point=True, report=False, ood=False)
+    op = json.loads((robust.model_dir / "cxrlab.json").read_text())["operating_point"]
+    assert "8 simulated site shifts" in op["data"] and 0 < op["threshold"] < 1
     with pytest.raises(Exception, match="unknown calibration"):
         cxrlab.train(root, output=tmp_path / "bad", calibration="isotonic", report=False, ood=False)

@@ -52,8 +52,8 @@ def add_train_options(p) -> None:
     _flag(p, "print_misclassified_test_images", action="store_true")
     _flag(p, "positive_label", help="the class that counts as positive (default: abnormal)")
     _flag(p, "operating_point", default="who", help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on validation")
-    _flag(p, "robust_operating_point", action=argparse.BooleanOptionalAction, default=True,
-          help="choose the threshold on the validation images under simulated site shifts too (default: on)")
+    _flag(p, "robust_operating_point", action="store_true",
+          help="choose the threshold on the validation images under simulated site shifts too (more conservative)")
     _flag(p, "flip_left_right", action="store_true")
     _flag(p, "random_crop", type=float, default=0.0)
     _flag(p, "random_scale", type=float, default=0.0)
