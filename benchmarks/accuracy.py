@@ -31,10 +31,11 @@ VARIANTS = {
     # The issue's plain fine-tune: AdamW, one-cycle, rotation/scale/brightness, batch 16, no extras.
     "plain": lambda: FineTuneOptions(
         lr=1e-3, head_lr_mult=1.0, layer_decay=1.0, warmup_head=False, freeze_bn=False, label_smoothing=0.0,
-        dropout=0.0, patience=0, intensity="none",
+        dropout=0.0, patience=0, intensity="none", tta=False,
         augment=AugmentConfig(rotate=10, scale=0.1, aspect=0, translate=0, brightness=0.1, contrast=0, gamma=0,
                               sharpen=0, jpeg=0)),
-    # FineTuneOptions' defaults: the measured best = plain + in-graph 1-99 percentile windowing.
+    # FineTuneOptions' defaults, the measured best: plain + in-graph 1-99 percentile windowing + the chest-X-ray
+    # augmentations (aspect, translate, contrast, gamma, sharpen/blur, JPEG) + 4-view TTA.
     "best": lambda: FineTuneOptions(),
     # Every extra at once: head warm-up, layer-wise lr, frozen BN, label smoothing, all CXR augmentations.
     "cxr_all": lambda: _cxr_all(),
@@ -48,10 +49,6 @@ def _cxr_all(**kw):
                            label_smoothing=0.1, dropout=0.0, patience=3,
                            augment=AugmentConfig(aspect=0.10, translate=0.05, brightness=0.08, contrast=0.20,
                                                  gamma=0.30, sharpen=0.5, jpeg=0.25), **kw)
-
-
-_ = {
-}
 
 
 def _arrays(pixels, size):

@@ -40,18 +40,18 @@ from .progress import Progress, resolve
 
 @dataclass
 class AugmentConfig:
-    # Defaults are the measured best (Shenzhen fold 0, 3 epochs): rotation/scale/brightness only. The
-    # chest-X-ray extras (aspect, translate, contrast, gamma, sharpen/blur, JPEG) are flags; all of them
-    # together with the other extras measured worse (see benchmarks/accuracy.py, variant cxr_all).
+    # Defaults are the measured best (Shenzhen 5-fold CV, 8 epochs, TTA x4): the plain recipe's rotation/scale/
+    # brightness plus the chest-X-ray set below gave AUC 0.946 +- 0.016 vs 0.939 +- 0.021 without it, and held up
+    # better under every simulated site shift (96 px resolution loss: AUC 0.902 vs 0.843).
     rotate: float = 10.0  # degrees, uniform +-
     scale: float = 0.10  # zoom factor in [1/(1+s), 1+s], log-uniform
-    aspect: float = 0.0  # anisotropic stretch, log-uniform +- (hospitals squash differently); tried 0.10
-    translate: float = 0.0  # fraction of the side, +-; tried 0.05
+    aspect: float = 0.10  # anisotropic stretch, log-uniform +- (hospitals squash differently)
+    translate: float = 0.05  # fraction of the side, +-
     brightness: float = 0.10  # additive, +-
-    contrast: float = 0.0  # multiplicative about the image mean, log-uniform +-; tried 0.20
-    gamma: float = 0.0  # exponent in [1/(1+g), 1+g], log-uniform; tried 0.30
-    sharpen: float = 0.0  # unsharp-mask amount in [-s, +s] (negative = blur); tried 0.5
-    jpeg: float = 0.0  # probability of JPEG re-compression at quality 20..90; tried 0.25
+    contrast: float = 0.20  # multiplicative about the image mean, log-uniform +-
+    gamma: float = 0.30  # exponent in [1/(1+g), 1+g], log-uniform
+    sharpen: float = 0.5  # unsharp-mask amount in [-s, +s] (negative = blur)
+    jpeg: float = 0.25  # probability of JPEG re-compression at quality 20..90
     flip: bool = False  # horizontal flip: off, the heart would swap sides
     invert: float = 0.0  # probability of inverted polarity (off: a negative is an error, not a site)
 
