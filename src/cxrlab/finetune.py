@@ -64,8 +64,8 @@ class AugmentConfig:
 class FineTuneOptions:
     epochs: int = 8
     batch_size: int = 16
-    # Defaults: the measured best = the plain recipe + in-graph percentile windowing + TTA, Platt-calibrated
-    # (training.train) and the operating point chosen on validation + site-shifted validation images.
+    # Defaults: the measured best = the plain recipe + chest-X-ray augmentation + in-graph percentile windowing
+    # + TTA; training.train then Platt-calibrates the head on validation.
     lr: float = 1e-3  # the top backbone unit; the head gets head_lr_mult x, earlier units layer_decay^depth x
     head_lr_mult: float = 1.0  # tried 10 (with 3e-4)
     layer_decay: float = 1.0  # tried 0.8
@@ -351,9 +351,10 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
         Xtr, Xva = _to_tensor(X_train), _to_tensor(X_val)
         Xva = _resize_to(Xva, size) if len(Xva) else Xva
         head = torch.nn.Linear(spec.embed_dim, k)
-        for m in module.modules():
-            if opts.bn_momentum > 0 and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = opts.bn_momentum
+        if opts.bn_momentum > 0:
+            for m in module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.momentum = opts.bn_momentum
         units = _units(module.backbone)
         n_train = len(units) if opts.trainable_units < 0 else min(opts.trainable_units, len(units))
         frozen, trainable = units[: len(units) - n_train], units[len(units) - n_train :]

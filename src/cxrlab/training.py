@@ -118,6 +118,8 @@ def train(
                                           previous=previous)
     notes += split_notes
     labels = dataset.labels
+    if calibration == "platt" and len(labels) != 2:  # before any embedding or fine-tuning is spent
+        raise DataError("Platt calibration needs exactly two labels; use calibration='temperature'")
     label_index = {lab: i for i, lab in enumerate(labels)}
     positive = _positive_label(labels, positive_label, notes)
 
@@ -210,7 +212,7 @@ def train(
         calibration = "platt" if ft is not None and len(labels) == 2 else "temperature"
     temperature, platt = 1.0, None
     usable = len(Z_cal) and len(np.unique(y_cal)) >= 2
-    if calibration == "platt" and len(labels) == 2 and usable:
+    if calibration == "platt" and usable:
         platt = PlattScaler().fit(Z_cal[:, 1] - Z_cal[:, 0], y_cal)
         if platt.a_ > 0:
             head = AffineHead(head, platt.a_, platt.b_)  # folded into the exported head: one contract for predict
@@ -218,8 +220,6 @@ def train(
         else:  # scores anti-correlated with the labels on validation: a warning sign, not something to fold in
             notes.append(f"Platt calibration gave slope {platt.a_:.3g} <= 0 on validation; calibration skipped")
             platt = None
-    elif calibration == "platt" and len(labels) != 2:
-        raise DataError("Platt calibration needs exactly two labels; use calibration='temperature'")
     elif calibration == "temperature" and usable:
         temperature = float(TemperatureScaler().fit(Z_cal, y_cal).temperature_)
     elif calibration != "none":
