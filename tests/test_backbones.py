@@ -64,19 +64,25 @@ def test_distortions_bypass_cache_and_warn_about_flips(tmp_path, tiny_dataset):
     assert r.metrics["n"]["train"] > 0
 
 
-def test_int8_only_where_validated(tmp_path, tiny_dataset):
+def test_int8_only_where_validated(tmp_path, tiny_dataset, shenzhen_dir):
+    """int8 embeddings of real films stay close to fp32 (calibrated on other films of the same set).
+
+    Synthetic 96 px blobs are no stand-in here: how close int8 stays depends on the CPU's integer kernels
+    (AVX2 without VNNI saturates full-range weights), and only real films show what a user gets."""
     from cxrlab.precision import int8_offered, with_precision
 
     assert int8_offered("efficientnet-lite0") and not int8_offered("inception-v3")
     bb = create_backbone("efficientnet-lite0")
-    paths = sorted(tiny_dataset.rglob("*.png"))
-    q = with_precision(bb, "int8", paths, n_calibration=8)
+    films = sorted(shenzhen_dir.rglob("*.jpg")) + sorted(shenzhen_dir.rglob("*.png"))
+    calibration, held_out = films[::10], films[5:200:25]
+    q = with_precision(bb, "int8", calibration, n_calibration=64)
     assert q.precision == "int8" and q.cache_key() != bb.cache_key()
     from cxrlab.embed import Embedder
 
-    e32, e8 = Embedder(bb).embed_files(paths[:4]).vectors, Embedder(q).embed_files(paths[:4]).vectors
+    e32, e8 = Embedder(bb).embed_files(held_out).vectors, Embedder(q).embed_files(held_out).vectors
     cos = np.sum(e32 * e8, 1) / np.linalg.norm(e32, axis=1) / np.linalg.norm(e8, axis=1)
-    assert cos.min() > 0.9
+    assert len(cos) == 8 and cos.mean() > 0.92 and cos.min() > 0.88
+    paths = sorted(tiny_dataset.rglob("*.png"))
     spec_onnx = tmp_path / "x.onnx"
     _user_onnx(spec_onnx, 13)
     with pytest.raises(BackboneError, match="not been validated"):
