@@ -104,10 +104,10 @@ def eager_rate(paths, backbone: str) -> float:
     import torch
     from PIL import Image
 
-    from cxrlab.backbones import _weights_path, get_spec
+    from cxrlab.backbones import weights_path, get_spec
 
     spec = get_spec(backbone)
-    module = spec.builder(spec, _weights_path(spec)).eval()
+    module = spec.builder(spec, weights_path(spec)).eval()
     torch.set_num_threads(os.cpu_count() or 1)
 
     def load(p):

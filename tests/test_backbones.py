@@ -26,7 +26,7 @@ def test_lite0_onnx_matches_torch():
 
     bb = create_backbone("efficientnet-lite0")
     spec = bb.spec
-    module = spec.builder(spec, __import__("cxrlab.backbones", fromlist=["_weights_path"])._weights_path(spec)).eval()
+    module = spec.builder(spec, __import__("cxrlab.backbones", fromlist=["weights_path"]).weights_path(spec)).eval()
     x = np.random.default_rng(0).random((2, 1, 224, 224), dtype=np.float32)
     from cxrlab.embed import make_session
 
@@ -92,11 +92,11 @@ def test_int8_only_where_validated(tmp_path, tiny_dataset, shenzhen_dir):
 def test_inception_v3_exports_and_matches_torch():
     import torch
 
-    from cxrlab.backbones import _weights_path
+    from cxrlab.backbones import weights_path
     from cxrlab.embed import make_session
 
     bb = create_backbone("inception-v3")
-    module = bb.spec.builder(bb.spec, _weights_path(bb.spec))
+    module = bb.spec.builder(bb.spec, weights_path(bb.spec))
     x = np.random.default_rng(0).random((1, 1, 299, 299), dtype=np.float32)
     ort_emb, feats = make_session(bb.onnx_path).run(["embedding", "features"], {"image": x})
     with torch.no_grad():

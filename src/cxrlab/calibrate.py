@@ -19,6 +19,7 @@ from .metrics import check_binary
 __all__ = [
     "OperatingPoint", "parse_rule", "choose_operating_point",
     "TemperatureScaler", "PlattScaler", "softmax", "WHO_MIN_SENSITIVITY",
+    "CALIBRATIONS", "check_calibration", "Calibrated", "calibrate_and_threshold",
 ]
 
 WHO_MIN_SENSITIVITY = 0.90
@@ -209,3 +210,85 @@ class PlattScaler:
             raise NotFittedError("PlattScaler.transform called before fit")
         zz = np.asarray(z, dtype=float)
         return expit(self.a_ * zz + self.b_)
+
+
+CALIBRATIONS = ("auto", "temperature", "platt", "none")
+
+
+def check_calibration(calibration: str, n_labels: int | None = None) -> None:
+    """Refuse an unknown method, or Platt on more than two labels, before any embedding or training is spent."""
+    if calibration not in CALIBRATIONS:
+        raise DataError(f"unknown calibration {calibration!r}; use auto, temperature, platt or none")
+    if calibration == "platt" and n_labels is not None and n_labels != 2:
+        raise DataError("Platt calibration needs exactly two labels; use calibration='temperature'")
+
+
+@dataclass
+class Calibrated:
+    """The head as shipped (Platt folded in where chosen), its temperature, the operating point and what they
+    were chosen on, for cxrlab.json."""
+
+    head: object
+    temperature: float
+    platt: PlattScaler | None
+    operating_point: OperatingPoint | None
+    notes: list
+    calibration_info: dict
+    operating_point_info: dict | None
+
+    def probs(self, X) -> np.ndarray:
+        """Calibrated class probabilities of embeddings ``X`` (what the exported model outputs)."""
+        Z = self.head.decision_function(X)
+        return softmax(Z / self.temperature) if len(Z) else np.zeros(Z.shape)
+
+
+def calibrate_and_threshold(fit, *, calibration: str = "auto", positive: int | None = None, rule: str = "who",
+                            extra: tuple | None = None) -> Calibrated:
+    """Calibrate ``fit``'s head on its calibration logits and choose the operating point there.
+
+    ``calibration='auto'``: Platt (folded into the head) for a fine-tuned binary head, whose logits can be shifted
+    as well as over-confident; else temperature. ``positive``: the positive class index of a binary task (None: no
+    operating point). ``extra``: (embeddings, labels, description) that join the operating point's data only.
+    """
+    check_calibration(calibration)
+    n_classes = fit.cal_logits.shape[1]
+    if calibration == "auto":
+        calibration = "platt" if fit.fine_tuned and n_classes == 2 else "temperature"
+    head, Z, y, notes = fit.head, fit.cal_logits, fit.cal_labels, []
+    temperature, platt = 1.0, None
+    usable = len(Z) and len(np.unique(y)) >= 2
+    if calibration == "platt" and usable:
+        platt = PlattScaler().fit(Z[:, 1] - Z[:, 0], y)
+        if platt.a_ > 0:
+            from .head import AffineHead
+
+            head = AffineHead(head, platt.a_, platt.b_)  # folded into the exported head: one contract for predict
+            Z = head.rescale(Z)
+        else:  # scores anti-correlated with the labels on validation: a warning sign, not something to fold in
+            notes.append(f"Platt calibration gave slope {platt.a_:.3g} <= 0 on validation; calibration skipped")
+            platt = None
+    elif calibration == "temperature" and usable:
+        temperature = float(TemperatureScaler().fit(Z, y).temperature_)
+    elif calibration != "none":
+        notes.append(f"no usable validation split: calibration skipped ({calibration} not fitted)")
+    calibration_info = {"method": "platt" if platt else calibration if temperature != 1.0 else "none",
+                        "temperature": temperature,
+                        **({"platt_a": platt.a_, "platt_b": platt.b_, "folded_into_head": True} if platt else {}),
+                        "data": fit.cal_source, "n": int(len(y))}
+    op, source = None, fit.cal_source
+    if positive is not None and n_classes == 2:
+        if extra is not None:
+            Z, y = np.concatenate([Z, head.decision_function(extra[0])]), np.concatenate([y, extra[1]])
+            source = f"{source} + {extra[2]}"
+        op = _operating_point(Z, y, positive, temperature, rule)
+        if op.note:
+            notes.append(op.note)
+    op_info = {**op.to_dict(), "data": source} if op else None
+    return Calibrated(head, temperature, platt, op, notes, calibration_info, op_info)
+
+
+def _operating_point(Z, y, positive: int, temperature: float, rule: str) -> OperatingPoint:
+    if len(Z) and len(np.unique(y)) == 2:
+        return choose_operating_point((y == positive).astype(int), softmax(Z / temperature)[:, positive], rule)
+    return OperatingPoint("argmax", 0.5, float("nan"), float("nan"), False,
+                          "validation split has fewer than 2 classes; threshold 0.5 used")

@@ -228,9 +228,10 @@ def run_cv(a) -> int:
     from .fsutil import atomic_write_bytes
     from .progress import TqdmProgress
 
+    ft = _fine_tune_args(a)
     r = cross_validate(a.image_dir, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
-                       precision=a.precision)
+                       precision=a.precision, fine_tune=bool(ft), fine_tune_options=ft.get("fine_tune_options"))
     for row in r["folds"]:
         print(f"fold {row['fold']}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
               f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")
@@ -353,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-regex")
     p.add_argument("--positive-label", default="abnormal")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    p.add_argument("--fine-tune", dest="fine_tune", action="store_true",
+                   help="fine-tune the backbone per fold, as `cxrlab train --fine-tune` does (slow)")
+    p.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (with --fine-tune)")
+    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", help="a fine-tuning choice (with --fine-tune)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", help="folder for metrics.json")
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")

@@ -1,80 +1,79 @@
-"""Cross-validation: stratified, group-aware k folds over cached embeddings (the head is refitted per fold)."""
+"""Cross-validation: stratified, group-aware k folds, each running the recipe ``train`` ships (fit, calibrate on
+validation + out-of-fold scores, operating point) so that the figures estimate the shipped model.
+
+Per fold, the test fold is held out and the inner validation split (C, best epoch, calibration, operating point)
+is a stratified fifth of the remaining groups. Frozen embeddings are computed once and cached.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .backbones import cache_dir, create_backbone
-from .cache import EmbeddingStore
-from .calibrate import TemperatureScaler, choose_operating_point, softmax
 from .discover import discover
-from .embed import Embedder
 from .errors import DataError
-from .head import LinearHead, select_C
-from .metrics import binary_report, roc_auc
+from .fit import Splits
 from .progress import Progress
-from .split import group_key
+from .split import Entry, assign_folds, group_key
+from .training import Embedded, TrainOptions, embed_images, evaluate_split, fit_and_calibrate, resolve_positive_label
 
+__all__ = ["assign_folds", "cross_validate", "fold_entries", "evaluate_entries"]
 
-def assign_folds(groups: list[str], labels: list[str], k: int, seed: int = 0) -> np.ndarray:
-    """Each group goes to one fold; groups are dealt round-robin per class in a seeded hash order."""
-    first_label = {}
-    for g, lab in zip(groups, labels):
-        first_label.setdefault(g, lab)
-    fold_of = {}
-    for lab in sorted(set(first_label.values())):
-        members = sorted((g for g, l in first_label.items() if l == lab),
-                         key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest())
-        for i, g in enumerate(members):
-            fold_of[g] = i % k
-    return np.array([fold_of[g] for g in groups])
+INNER_VALIDATION_FOLDS = 5  # the inner validation split is one fifth of the training folds' groups
 
 
 def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: str = "efficientnet-lite0",
                    label_from_name: str | None = None, group_regex: str | None = None, positive_label: str = "abnormal",
                    operating_point: str = "who", bottleneck_dir=None, seed: int = 0,
-                   progress: Progress | None = None, precision: str = "fp32") -> dict:
-    """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the linear head."""
+                   progress: Progress | None = None, precision: str = "fp32", fine_tune: bool = False,
+                   fine_tune_options=None) -> dict:
+    """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the model ``train`` would ship."""
     if folds < 2:
         raise DataError("--folds must be at least 2")
     root = Path(image_dir)
     ds = discover(root, label_from_name=label_from_name)
     if len(ds.labels) != 2 or positive_label not in ds.labels:
         raise DataError(f"cv needs two classes including '{positive_label}' (found {', '.join(ds.labels)}); set --positive-label")
-    bb = create_backbone(backbone)
-    if precision != "fp32":
-        from .precision import with_precision
-
-        bb = with_precision(bb, precision, [root / s.relpath for s in ds.samples])
-    store = EmbeddingStore(Path(bottleneck_dir) if bottleneck_dir else cache_dir() / "embeddings", bb.cache_key(), bb.spec.embed_dim)
-    emb = Embedder(bb).embed_files([root / s.relpath for s in ds.samples], store=store, progress=progress)
-    kept = {Path(p).relative_to(root).as_posix() for p in emb.paths}
-    samples = [s for s in ds.samples if s.relpath in kept]
-    X = emb.vectors
-    y = np.array([s.label == positive_label for s in samples], dtype=np.int64)
-    groups = [group_key(s.relpath, group_regex) for s in samples]
-    fold = assign_folds(groups, [s.label for s in samples], folds, seed)
-    # Inner validation (C, calibration, threshold): a stratified fifth of the training folds' groups.
-    inner_val = assign_folds(groups, [s.label for s in samples], 5, seed + 1) == 0
-    per_fold = []
-    for f in range(folds):
-        test = fold == f
-        tr, va = ~test & ~inner_val, ~test & inner_val
-        C, _ = select_C(X[tr], y[tr], X[va], y[va], seed=seed)
-        head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
-        T = TemperatureScaler().fit(head.decision_function(X[va]), y[va]).temperature_
-        p_va = softmax(head.decision_function(X[va]) / T)[:, 1]
-        op = choose_operating_point(y[va], p_va, operating_point)
-        p_te = softmax(head.decision_function(X[test]) / T)[:, 1]
-        rep = binary_report(y[test], p_te, op.threshold)
-        per_fold.append({"fold": f, "n": int(test.sum()), "auc": roc_auc(y[test], p_te),
-                         "accuracy": float(np.mean((p_te >= 0.5) == y[test])),
-                         "sensitivity": rep["sensitivity"], "specificity": rep["specificity"], "threshold": op.threshold})
+    options = TrainOptions(backbone=backbone, bottleneck_dir=bottleneck_dir, label_from_name=label_from_name,
+                           group_regex=group_regex, positive_label=positive_label, operating_point=operating_point,
+                           seed=seed, progress=progress, precision=precision, fine_tune=fine_tune,
+                           fine_tune_options=fine_tune_options)
+    frozen = embed_images(root, ds.samples, options, calibration_rows=ds.samples)
+    samples = [s for s in ds.samples if s.relpath in frozen.vectors]
+    per_fold = [{"fold": f, **evaluate_entries(root, entries, frozen, options, ds.labels)}
+                for f, entries in enumerate(fold_entries(samples, folds, seed, group_regex))]
     summary = {k: {"mean": float(np.mean([r[k] for r in per_fold])), "sd": float(np.std([r[k] for r in per_fold], ddof=1))}
                for k in ("auc", "accuracy", "sensitivity", "specificity")}
-    return {"folds": per_fold, "summary": summary, "n_images": len(samples), "skipped": [s.__dict__ for s in emb.skipped],
-            "backbone": bb.id, "precision": bb.precision, "seed": seed}
+    return {"folds": per_fold, "summary": summary, "n_images": len(samples),
+            "skipped": [s.__dict__ for s in frozen.skipped], "backbone": frozen.backbone.id,
+            "precision": frozen.backbone.precision, "seed": seed, "fine_tune": fine_tune,
+            "calibration": "as train ships it (validation split + out-of-fold training scores for the linear head)"}
+
+
+def fold_entries(samples, folds: int, seed: int = 0, group_regex: str | None = None):
+    """Per fold, every sample as a manifest entry: the fold is 'test', a stratified fifth of the other groups
+    'validation', the rest 'train'."""
+    groups = [group_key(s.relpath, group_regex) for s in samples]
+    labels = [s.label for s in samples]
+    fold = assign_folds(groups, labels, folds, seed)
+    inner = assign_folds(groups, labels, INNER_VALIDATION_FOLDS, seed + 1) == 0
+    for f in range(folds):
+        split = np.where(fold == f, "test", np.where(inner, "validation", "train"))
+        yield [Entry(s.relpath, s.label, g, str(sp)) for s, g, sp in zip(samples, groups, split)]
+
+
+def evaluate_entries(image_dir: Path, entries: list[Entry], frozen: Embedded, options: TrainOptions,
+                     labels: list[str]) -> dict:
+    """Fit, calibrate and threshold on the train/validation entries exactly as ``train`` does; score the test ones."""
+    splits = Splits.of(entries, {lab: i for i, lab in enumerate(labels)}).keep(frozen.vectors)
+    positive = resolve_positive_label(labels, options.positive_label, [])
+    fit, cal = fit_and_calibrate(image_dir, splits, frozen, options, positive=positive)
+    metrics, rows, _ = evaluate_split(fit, cal, splits.keep(fit.vectors), labels, positive)
+    test = metrics.get("test")
+    if test is None:
+        raise DataError(f"{image_dir}: a test fold holds a single class; use fewer --folds")
+    return {"n": len(rows), "auc": test["auc"], "accuracy": metrics["final_test_accuracy_argmax"],
+            "sensitivity": test["sensitivity"], "specificity": test["specificity"],
+            "threshold": cal.operating_point.threshold}

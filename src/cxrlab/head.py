@@ -22,6 +22,22 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, -1, 7))  # strong L2 wins on ~1
 
 
 @dataclass(frozen=True)
+class HeadOptions:
+    """How the linear head is trained (the tutorial's flags); C is chosen by ``select_C``."""
+
+    solver: str = "lbfgs"
+    steps: int = 4000  # --how_many_training_steps
+    learning_rate: float = 0.01
+    batch_size: int = 100  # --train_batch_size
+    eval_step_interval: int = 10
+    validation_batch_size: int = 100
+
+    def to_kwargs(self) -> dict:
+        return dict(solver=self.solver, learning_rate=self.learning_rate, steps=self.steps, batch_size=self.batch_size,
+                    eval_step_interval=self.eval_step_interval, validation_batch_size=self.validation_batch_size)
+
+
+@dataclass(frozen=True)
 class StepInfo:
     step: int
     train_accuracy: float

@@ -343,3 +343,20 @@ def bootstrap_ci(fn: Callable, y, scores, *, n_boot: int = 1000, seed: int = 0,
         return (float("nan"), float("nan"))
     lo, hi = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
     return (float(lo), float(hi))
+
+
+def test_report(y_idx, probs, labels: list[str], positive: int | None, threshold: float | None,
+                raw_positive_scores=None) -> dict:
+    """The test split's report: binary at the operating point (with the WHO verdict and, given the uncalibrated
+    scores, their ECE), else per-class."""
+    if positive is None or threshold is None:
+        return multiclass_report(y_idx, probs, labels)
+    y = (np.asarray(y_idx) == positive).astype(int)
+    report = binary_report(y, np.asarray(probs)[:, positive], threshold)
+    report["who_verdict"] = who_verdict(report)
+    if raw_positive_scores is not None:
+        report["ece_uncalibrated"] = binary_report(y, raw_positive_scores, threshold)["ece"]
+    return report
+
+
+test_report.__test__ = False  # a report of the test split, not a pytest test

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ._version import __version__
 from .errors import ModelDirError
 from .fsutil import atomic_write_bytes
 
@@ -57,6 +58,46 @@ def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def model_info(*, labels: list[str], positive_label: str | None, backbone, head: dict, calibration: dict,
+               operating_point: dict | None, split: dict, training_data: dict, seed: int, flags: dict, metrics: dict,
+               fine_tune: dict | None = None, ood: dict | None = None) -> dict:
+    """cxrlab.json's content (save_model adds schema, labels, file digests): the one place its layout is defined."""
+    info = {
+        "created_by": f"cxrlab {__version__}",
+        "task": "classification",
+        "labels": labels,
+        "positive_label": positive_label,
+        "backbone": {**backbone.spec.to_dict(), "id": backbone.id, "weights_sha256": backbone.weights_sha256,
+                     "onnx_outputs": list(backbone.outputs), "precision": backbone.precision,
+                     "calibration_sha256": backbone.calibration_sha256},
+        "head": head,
+        "calibration": calibration,
+        "operating_point": operating_point,
+        "split": split,
+        "training_data": training_data,
+        "seed": seed,
+        "flags": flags,
+        "metrics": metrics,
+        "versions": _versions(),
+    }
+    if fine_tune is not None:
+        info["fine_tune"] = fine_tune
+    if ood is not None:
+        info["ood"] = ood
+    return info
+
+
+def _versions() -> dict:
+    import platform
+
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    return {"cxrlab": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def read_model_dir(directory: str | os.PathLike) -> tuple[dict, list[str], bytes]:

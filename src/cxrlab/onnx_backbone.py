@@ -12,8 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import EXPORT_VERSION, Backbone, BackboneSpec, cache_dir, sha256_file
+from .backbone_types import EXPORT_VERSION, Backbone, BackboneSpec, cache_dir, sha256_file
 from .errors import BackboneError
+
+
+ONNX_PREFIX = "onnx:"
+
+
+def onnx_file(name: str) -> str | None:
+    """The PATH of a backbone name 'onnx:PATH', else None (the one place that reads this syntax)."""
+    return name[len(ONNX_PREFIX):] if name.startswith(ONNX_PREFIX) else None
 
 
 def _load(path: str):
@@ -21,11 +29,11 @@ def _load(path: str):
 
     p = Path(path)
     if not p.is_file():
-        raise BackboneError(f"onnx:{path}: file not found. Give the path of an .onnx feature extractor, e.g. onnx:models/encoder.onnx")
+        raise BackboneError(f"{ONNX_PREFIX}{path}: file not found. Give the path of an .onnx feature extractor, e.g. {ONNX_PREFIX}models/encoder.onnx")
     try:
         return onnx.load(str(p))
     except Exception as exc:
-        raise BackboneError(f"onnx:{path}: not a readable ONNX model ({exc})") from None
+        raise BackboneError(f"{ONNX_PREFIX}{path}: not a readable ONNX model ({exc})") from None
 
 
 def _shape(model):
@@ -43,7 +51,7 @@ def _shape(model):
 
 def spec_from_onnx(path: str) -> BackboneSpec:
     channels, size, dim, _ = _shape(_load(path))
-    return BackboneSpec(f"onnx:{path}", size, dim, mean=0.0, std=1.0, description=f"user ONNX model {path}")
+    return BackboneSpec(f"{ONNX_PREFIX}{path}", size, dim, mean=0.0, std=1.0, description=f"user ONNX model {path}")
 
 
 def create_onnx_backbone(path: str) -> Backbone:
@@ -55,7 +63,7 @@ def create_onnx_backbone(path: str) -> Backbone:
     digest = sha256_file(path) if Path(path).is_file() else ""
     model = _load(path)
     channels, size, dim, rank = _shape(model)
-    spec = BackboneSpec(f"onnx:{path}", size, dim, mean=0.0, std=1.0, weights_sha256=digest,
+    spec = BackboneSpec(f"{ONNX_PREFIX}{path}", size, dim, mean=0.0, std=1.0, weights_sha256=digest,
                         description=f"user ONNX model {Path(path).name}")
     target = cache_dir() / "backbones" / f"onnx-{digest[:16]}-v{EXPORT_VERSION}.onnx"
     if not target.is_file():
@@ -66,7 +74,7 @@ def create_onnx_backbone(path: str) -> Backbone:
         g.input.insert(0, helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, size, size]))
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
         if opset < 13:
-            raise BackboneError(f"onnx:{path}: opset {opset} is too old; re-export with opset 13 or newer")
+            raise BackboneError(f"{ONNX_PREFIX}{path}: opset {opset} is too old; re-export with opset 13 or newer")
         g.initializer.append(onnx.numpy_helper.from_array(np.array([2, 3], "int64"), "cxrlab_axes"))
         if rank == 4 and opset >= 18:
             tail = [helper.make_node("Identity", [user_out], ["features"]),

@@ -24,7 +24,8 @@ def _stretch(p: np.ndarray, fx: float, fy: float) -> np.ndarray:
     return big[top : top + h, left : left + w]
 
 
-def _jpeg(p: np.ndarray, quality: int) -> np.ndarray:
+def jpeg_recompress(p: np.ndarray, quality: int) -> np.ndarray:
+    """A gray float image in [0, 1] after a round trip through JPEG at ``quality``."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -34,8 +35,7 @@ def _jpeg(p: np.ndarray, quality: int) -> np.ndarray:
 
 def _lowres(p: np.ndarray, side: int) -> np.ndarray:
     h, w = p.shape
-    s = side / max(h, w)
-    return resize(resize(p, (max(8, int(h * s)), max(8, int(w * s)))), (h, w))
+    return resize(resize(p, (max(8, side * h // max(h, w)), max(8, side * w // max(h, w)))), (h, w))
 
 
 def _contrast_curve(p: np.ndarray, k: float = 8.0) -> np.ndarray:
@@ -65,6 +65,8 @@ def _marker(p: np.ndarray, text: str, corner: str) -> np.ndarray:
     return np.asarray(img, np.float32) / 255.0
 
 
+# How hospitals' X-rays differ from one another: the one table, used by the site-shift suite (SUITE) and to widen
+# what the out-of-distribution gate and the robust operating point call genuine (GATE_SHIFTS).
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "none": lambda p: p,
     "aspect_wide": lambda p: _stretch(p, 1.25, 1.0),
@@ -73,12 +75,19 @@ SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "gamma_1.6": lambda p: p**1.6,
     "contrast_curve": _contrast_curve,
     "contrast_low": lambda p: (p - 0.5) * 0.6 + 0.5,
+    "contrast_high": lambda p: (p - 0.5) * 1.5 + 0.5,
+    "bright": lambda p: p * 1.3,
+    "dark": lambda p: p * 0.7,
     "lowres_96": lambda p: _lowres(p, 96),
-    "jpeg_q20": lambda p: _jpeg(p, 20),
+    "jpeg_q20": lambda p: jpeg_recompress(p, 20),
+    "jpeg_q25": lambda p: jpeg_recompress(p, 25),
     "inverted": lambda p: 1.0 - p,
     "marker_R": lambda p: _marker(p, "R", "top-left"),
     "marker_PA_ERECT": lambda p: _marker(p, "PA ERECT", "top-right"),
 }
+SUITE = ("none", "aspect_wide", "aspect_tall", "gamma_0.6", "gamma_1.6", "contrast_curve", "contrast_low",
+         "lowres_96", "jpeg_q20", "inverted", "marker_R", "marker_PA_ERECT")
+GATE_SHIFTS = ("contrast_low", "contrast_high", "bright", "dark", "gamma_0.6", "gamma_1.6", "lowres_96", "jpeg_q25")
 
 
 def shifted_inputs(pixels: list[np.ndarray], size: int, shift: str) -> np.ndarray:
@@ -94,7 +103,7 @@ def shift_rows(y: np.ndarray, pixels: list[np.ndarray], size: int, score: Callab
 
     y = np.asarray(y, np.int64)
     rows = []
-    for name in shifts or SHIFTS:
+    for name in shifts or SUITE:
         s = score(shifted_inputs(pixels, size, name))
         rep = binary_report(y, s, threshold)
         rows.append({"shift": name, "n": int(len(y)), "auc": rep["auc"], "sensitivity": rep["sensitivity"],

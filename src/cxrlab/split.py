@@ -141,3 +141,24 @@ def split_samples(
         if added:
             notes.append(f"{added} new image(s) not in the split file were assigned by hash")
     return Manifest(entries), notes
+
+
+def assign_folds(groups, labels, k: int, seed: int = 0) -> "np.ndarray":
+    """Fold index (0..k-1) of every sample: patient groups stay whole, classes are balanced across folds
+    (scikit-learn's StratifiedGroupKFold, shuffled with ``seed``; same inputs, same folds)."""
+    import warnings
+
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups, labels = list(groups), np.asarray(labels)
+    n_groups = len(set(groups))
+    if k < 2 or n_groups < k:
+        raise DataError(f"{k} folds need at least {k} patient groups and k >= 2 (found {n_groups} group(s))")
+    fold = np.zeros(len(groups), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has only n members": fine for group folds
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, held) in enumerate(splitter.split(np.zeros(len(groups)), labels, groups)):
+            fold[held] = f
+    return fold
