@@ -24,6 +24,7 @@ from .graph import fuse_head
 from .head import AffineHead, LinearHead, StepInfo, select_C
 from .metrics import binary_report, multiclass_report, who_verdict
 from .modeldir import save_model
+from .outputs import RUN_FILES, OutputError, check_not_input, check_output_dir, claim, folder_classes
 from .progress import Progress
 from .split import Manifest, split_samples
 
@@ -107,6 +108,7 @@ def train(
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory."""
     started = time.time()
+    run_dir, model_dir = _output_dirs(output, [image_dir], summaries_dir, bottleneck_dir)
     if calibration not in ("auto", "temperature", "platt", "none"):
         raise DataError(f"unknown calibration {calibration!r}; use auto, temperature, platt or none")
     image_dir = Path(image_dir)
@@ -278,7 +280,6 @@ def train(
     misclassified = [(str(image_dir / r.relpath), r.label, labels[int(k)])
                      for r, k, t in zip(rows_te, P_te.argmax(1) if len(X_te) else [], y_te) if k != t]
 
-    run_dir, model_dir = _output_dirs(output)
     info = {
         "created_by": f"cxrlab {__version__}",
         "task": "classification",
@@ -323,7 +324,10 @@ def train(
         info["ood"], arrays_out = gate.info(), gate.arrays()
     onnx_bytes = fuse_head(bb.onnx_path, head.coef_, head.intercept_, temperature=temperature,
                            metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
+    if run_dir != model_dir:
+        claim(run_dir, "train", files=(model_dir.name, *RUN_FILES), inputs=[image_dir])
     save_model(model_dir, onnx_bytes=onnx_bytes, labels=labels, info=info, arrays=arrays_out)
+    claim(run_dir, "train", files=RUN_FILES)
     manifest.write(run_dir / "split.csv")
     result = TrainResult(model_dir, run_dir, labels, metrics, manifest, emb.skipped, notes, emb.hits, emb.misses,
                          misclassified, final_acc, len(X_te))
@@ -380,12 +384,26 @@ def _all_probs(rows, vectors: dict, probs) -> dict[str, np.ndarray]:
     return {e.relpath: p for e, p in zip(rows, P)}
 
 
-def _output_dirs(output) -> tuple[Path, Path]:
+def _output_dirs(output, inputs, summaries_dir=None, bottleneck_dir=None) -> tuple[Path, Path]:
+    """(run folder, model folder), refused before any work where writing would replace, hide or
+    delete the user's data (see outputs.py)."""
+    classes = folder_classes(inputs[0])
     if output is None:
-        run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        return run_dir, run_dir / "model"
-    model_dir = Path(output)
-    return model_dir, model_dir
+        stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        run_dir, n = stamp, 1
+        while os.path.lexists(run_dir):  # a run started in the same second
+            n += 1
+            run_dir = stamp.with_name(f"{stamp.name}-{n}")
+        check_output_dir(run_dir, "train", inputs=inputs, classes=classes, option="the default output folder")
+        model_dir = run_dir / "model"
+    else:
+        run_dir = model_dir = check_output_dir(output, "train", inputs=inputs, replace=True, classes=classes)
+    for option, folder in (("--summaries_dir", summaries_dir), ("--bottleneck_dir", bottleneck_dir)):
+        if folder is not None:  # their files never collide with the user's, but must not land in the data
+            check_not_input(folder, inputs, option, allow_contains=True)
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise OutputError(f"{option} {folder} is an existing file, not a folder; give a folder")
+    return run_dir, model_dir
 
 
 def _versions() -> dict:
