@@ -177,6 +177,10 @@ def render_prediction_text(p, top_k: int | None = None, header: bool = False) ->
 def run_predict(a) -> int:
     from .predict import load_model
 
+    if a.explain:  # before any work
+        from .explain import check_output
+
+        check_output(a.explain, a.model, a.paths)
     model = load_model(a.model)
     preds = model.predict(a.paths, ood=not a.no_ood)
     if a.format == "json":
@@ -226,8 +230,12 @@ def run_evaluate(a) -> int:
 def run_cv(a) -> int:
     from .crossval import cross_validate
     from .fsutil import atomic_write_bytes
+    from .outputs import check_output_dir, claim, folder_classes
     from .progress import TqdmProgress
 
+    if a.output:  # before any work
+        check_output_dir(a.output, "cv", inputs=[a.image_dir], files=["metrics.json"],
+                         classes=folder_classes(a.image_dir))
     ft = _fine_tune_args(a)
     r = cross_validate(a.image_dir, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
@@ -238,7 +246,8 @@ def run_cv(a) -> int:
     for key, s in r["summary"].items():
         print(f"{key:12} {s['mean']:.3f} ± {s['sd']:.3f}")
     if a.output:
-        atomic_write_bytes(Path(a.output) / "metrics.json", json.dumps(r, indent=2).encode())
+        out = claim(a.output, "cv", inputs=[a.image_dir], files=["metrics.json"])
+        atomic_write_bytes(out / "metrics.json", json.dumps(r, indent=2).encode())
     return 0
 
 
@@ -303,15 +312,22 @@ def run_compare(a) -> int:
 
 
 def run_site_shift(a) -> int:
+    from .outputs import check_output_dir, claim, model_labels
     from .predict import load_model
     from .siteshift import format_rows, site_shift_folder
 
+    inputs = [a.model, a.data]
+    if a.output:  # before any work
+        check_output_dir(a.output, "site-shift", inputs=inputs, files=["site_shift.json"],
+                         classes=model_labels(a.model))
     rows = site_shift_folder(load_model(a.model), a.data, label_from_name=a.label_from_name)
     print("\n".join(format_rows(rows)))
     if a.output:
         from .fsutil import atomic_write_bytes
 
-        atomic_write_bytes(Path(a.output), json.dumps(rows, indent=2).encode())
+        out = claim(a.output, "site-shift", inputs=inputs, files=["site_shift.json"])
+        atomic_write_bytes(out / "site_shift.json", json.dumps(rows, indent=2).encode())
+        print(f"Table written to {out / 'site_shift.json'}")
     return 0
 
 
@@ -383,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
     p.add_argument("--label-from-name", metavar="REGEX")
-    p.add_argument("--output", "-o", help="write the rows as JSON to this file")
+    p.add_argument("--output", "-o", help="folder for site_shift.json (the rows as JSON)")
     p = command("serve", run_serve, "a local web page and REST API")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--host", default="127.0.0.1")

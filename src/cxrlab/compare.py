@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .outputs import check_output_dir, claim
 
 __all__ = ["compare", "load_run", "format_table"]
+COMPARE_FILES = ("compare.html", "compare.json")
 
 _CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Arial,sans-serif;margin:1.5em auto;
 max-width:1100px;padding:0 1em;color:#222;line-height:1.4}table{border-collapse:collapse;margin:.5em 0}
@@ -132,6 +134,8 @@ def compare(dirs, output: str | os.PathLike | None = None, *, names=None) -> dic
     dirs = [Path(d) for d in dirs]
     if not dirs:
         raise DataError("give at least one run or evaluation directory")
+    if output is not None:
+        check_output_dir(output, "compare", inputs=dirs, files=COMPARE_FILES)
     if names is not None:
         names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
         if len(names) != len(dirs):
@@ -153,7 +157,7 @@ def compare(dirs, output: str | os.PathLike | None = None, *, names=None) -> dic
     result = {"runs": [{k: v for k, v in r.items() if k not in ("y", "scores", "paths", "labels")} for r in runs],
               "notes": notes}
     if output is not None:
-        _write(Path(output), runs, result)
+        _write(claim(output, "compare", inputs=dirs, files=COMPARE_FILES), runs, result)
         result["output_dir"] = str(output)
     return result
 

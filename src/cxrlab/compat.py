@@ -22,15 +22,57 @@ def _run_retrain(a) -> int:
         from .errors import CxrlabError
 
         raise CxrlabError("give the image folder with --image_dir")
-    graph = Path(a.output_graph)
+    graph, labels = Path(a.output_graph), Path(a.output_labels)
     model_dir = graph.with_name(graph.stem + ".cxrlab")
+    _check_retrain_outputs(graph, labels, model_dir, image_dir)  # train() checks model_dir itself
     a.backbone = a.backbone or ARCHITECTURES.get(a.architecture, a.architecture)
     r = train(image_dir, output=model_dir, on_step=print_step, progress=TqdmProgress(), **train_kwargs(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
     atomic_write_bytes(graph, (model_dir / "model.onnx").read_bytes())
-    atomic_write_bytes(Path(a.output_labels), (model_dir / "labels.txt").read_bytes())
-    print(f"Wrote {graph} (ONNX) and {a.output_labels}; full model directory: {model_dir}")
+    atomic_write_bytes(labels, (model_dir / "labels.txt").read_bytes())
+    print(f"Wrote {graph} (ONNX) and {labels}; full model directory: {model_dir}")
     return 0
+
+
+def _check_retrain_outputs(graph: Path, labels: Path, model_dir: Path, image_dir) -> None:
+    """--output_graph / --output_labels: an existing file is replaced only if cxrlab wrote it (an ONNX
+    file cxrlab produced; a labels file matching that graph or the model directory beside it)."""
+    from .outputs import OutputError, check_output_file, real_path
+
+    if real_path(graph) == real_path(labels):
+        raise OutputError(f"--output_graph and --output_labels are the same file ({graph}); give two names")
+    graph_labels = _cxrlab_graph_labels(graph) if graph.is_file() else None
+    check_output_file(graph, "--output_graph", inputs=[image_dir],
+                      written_by_cxrlab=lambda path: graph_labels is not None)
+    known = [graph_labels, _lines(model_dir / "labels.txt")]
+    check_output_file(labels, "--output_labels", inputs=[image_dir],
+                      written_by_cxrlab=lambda path: _lines(path) is not None and _lines(path) in known)
+
+
+def _cxrlab_graph_labels(path: Path) -> list[str] | None:
+    """The labels recorded in an ONNX file cxrlab produced; None for any other file."""
+    import json
+
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - whatever does not parse as ONNX was not written by cxrlab
+        return None
+    meta = {p.key: p.value for p in model.metadata_props}
+    if model.producer_name != "cxrlab" or meta.get("producer") != "cxrlab":
+        return None
+    try:
+        return [str(x) for x in json.loads(meta.get("labels", "[]"))]
+    except (TypeError, ValueError):
+        return []
+
+
+def _lines(path: Path) -> list[str] | None:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def retrain_main(argv=None) -> int:

@@ -301,11 +301,19 @@ def _check_counts(info: DatasetInfo, counts: dict, notes: list) -> None:
 
 # --------------------------------------------------------------------------- public API
 
+def _check_dest(dest: str | os.PathLike) -> Path:
+    """DEST must be new, empty or a previous cxrlab layout (its .downloads/ folder, made first, marks
+    it): the set is never mixed into, nor written over, other files."""
+    from .outputs import DATASET_ENTRIES, check_output_dir
+
+    return check_output_dir(dest, "datasets", files=DATASET_ENTRIES, classes=LABELS, option="DEST")
+
+
 def download(name: str, dest: str | os.PathLike, *, url: str | None = None,
              sha256: str | None = None, progress=None, timeout: float = 30.0) -> DownloadResult:
     """Fetch (or reuse) the archive of dataset ``name`` and lay it out as dest/abnormal, dest/normal."""
     info = get_info(name)
-    dest = Path(dest)
+    dest = _check_dest(dest)
     downloads = dest / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     archive = downloads / info.archive_name
@@ -335,9 +343,10 @@ def layout_archive(name: str, archive: str | os.PathLike, dest: str | os.PathLik
                    sha256: str | None = None, progress=None) -> DownloadResult:
     """Verify and lay out an archive the user already has (``--archive PATH``); it is not moved."""
     info = get_info(name)
-    archive, dest = Path(archive), Path(dest)
+    archive = Path(archive)
     if not archive.is_file():
         raise DataError(f"archive not found: {archive}")
+    dest = _check_dest(dest)
     (dest / ".downloads").mkdir(parents=True, exist_ok=True)
     expected = _norm_digest(sha256) or _norm_digest(info.sha256)
     notes: list[str] = []

@@ -11,6 +11,7 @@ import numpy as np
 from .discover import discover
 from .errors import DataError
 from .metrics import binary_report, multiclass_report, who_verdict
+from .outputs import REPORT_FILES, check_output_dir, claim, model_labels
 from .predict import Model, Prediction
 from .progress import Progress, resolve
 
@@ -39,6 +40,9 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
              label_map: dict | None = None, output: str | os.PathLike | None = None, ood: bool = True,
              progress: Progress | None = None) -> EvalResult:
     """Score every labelled image under ``data_dir`` and report metrics on all and on accepted images."""
+    inputs, classes = [getattr(model, "directory", model), data_dir], model_labels(model)
+    if output is not None:  # before any work: never over, around or inside the data or the model
+        check_output_dir(output, "evaluate", inputs=inputs, files=REPORT_FILES, classes=classes)
     model = model if isinstance(model, Model) else Model(model)
     data_dir = Path(data_dir)
     ds = discover(data_dir, label_from_name=label_from_name, label_map=label_map, min_per_class=0, require_classes=1)
@@ -78,6 +82,7 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
         rows = [{"path": p.path, "true_label": t, "scores": [p.scores[lab] for lab in model.labels],
                  "predicted_label": p.label or "rejected", "correct": p.label == t, "split": "external"}
                 for t, p in zip(truth, preds)]
+        claim(output, "evaluate", files=REPORT_FILES, inputs=inputs, classes=classes)
         write_evaluation(Path(output), title=f"Evaluation of {model.directory} on {data_dir}", rows=rows,
                          labels=model.labels, positive_label=model.positive_label, threshold=model.threshold,
                          metrics={**metrics["all"], "positive_label": model.positive_label},  # for compare

@@ -17,6 +17,8 @@ import numpy as np
 
 from .embed import prepare, read_file
 from .errors import DataError, ImageError, ModelDirError
+from .fsutil import atomic_write_bytes
+from .outputs import check_output_dir, claim, made_by_cxrlab, model_labels
 from .predict import expand_paths
 
 
@@ -140,16 +142,52 @@ def heatmap_png(model, data: bytes, name: str, *, max_side: int = 512) -> bytes 
     return prediction_overlay_png(model, array, img.pixels, pred, max_side=max_side)
 
 
+HEATMAP_SUFFIXES = (".png", ".npy")
+
+
+def check_output(output_dir, model, paths) -> Path:
+    """Refuse, before any work, a heatmap folder over, around or inside the images or the model, or
+    inside a folder of class subfolders (the heatmaps would become training images)."""
+    paths = paths if isinstance(paths, (list, tuple)) else [paths]
+    return check_output_dir(output_dir, "explain", inputs=[getattr(model, "directory", model), *paths],
+                            classes=model_labels(model))
+
+
+def _heatmap_stems(out: Path, files: list[str]) -> list[str]:
+    """One stem per file: its own, or <stem>-2... when taken by another file of this run or by a file
+    that explain did not write (a user's file is never overwritten)."""
+    made = made_by_cxrlab(out) if out.is_dir() else None
+    owned = made.entries if made else {}
+
+    def free(stem: str) -> bool:
+        return all(not os.path.lexists(out / f"{stem}{x}") or owned.get(f"{stem}{x}") == "explain"
+                   for x in HEATMAP_SUFFIXES)
+
+    stems: list[str] = []
+    used: set[str] = set()
+    for path in files:
+        base = Path(path).stem
+        stem, n = base, 1
+        while stem in used or not free(stem):
+            n += 1
+            stem = f"{base}-{n}"
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
 def explain_paths(model, paths, output_dir: str | os.PathLike, *,
                   skipped: list[tuple[str, str]] | None = None) -> list[Heatmap]:
     """Write <stem>.png (overlay) and <stem>.npy (the raw (h, w) map) per readable image
-    (<stem>-2... when two files share a name); unreadable files go to ``skipped`` as (path, reason)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = expand_paths(paths if isinstance(paths, (list, tuple)) else [paths])
+    (<stem>-2... when two files share a name or the name is taken); unreadable files go to
+    ``skipped`` as (path, reason)."""
+    paths = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+    out = check_output(output_dir, model, paths)
+    files = expand_paths(paths)
+    stems = _heatmap_stems(out, files)
+    claim(out, "explain", files=[f"{stem}{x}" for stem in stems for x in HEATMAP_SUFFIXES])
     results = []
-    used: set[str] = set()
-    for path in files:
+    for path, stem in zip(files, stems):
         try:
             array, img = _load(model, read_file(path), path)
         except ImageError as exc:
@@ -157,13 +195,10 @@ def explain_paths(model, paths, output_dir: str | os.PathLike, *,
                 skipped.append((path, exc.reason))
             continue
         hm = explain_array(model, array, img.pixels, path, img)
-        stem, n = Path(path).stem, 1
-        while stem in used:
-            n += 1
-            stem = f"{Path(path).stem}-{n}"
-        used.add(stem)
-        (out / f"{stem}.png").write_bytes(overlay_png(hm, img.pixels))
-        np.save(out / f"{stem}.npy", hm.cam, allow_pickle=False)
+        atomic_write_bytes(out / f"{stem}.png", overlay_png(hm, img.pixels))
+        buf = io.BytesIO()
+        np.save(buf, hm.cam, allow_pickle=False)
+        atomic_write_bytes(out / f"{stem}.npy", buf.getvalue())
         results.append(hm)
     return results
 

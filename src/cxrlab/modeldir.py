@@ -12,12 +12,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ._version import __version__
 from .errors import ModelDirError
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, make_temp_dir
 
 SCHEMA_VERSION = 1
 MODEL_FILE, LABELS_FILE, INFO_FILE = "model.onnx", "labels.txt", "cxrlab.json"
@@ -35,25 +34,26 @@ def _info_digest(info: dict) -> str:
 
 def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[str], info: dict,
                arrays: dict[str, bytes] | None = None) -> Path:
-    """Write a complete model directory atomically (a half-written one never appears)."""
+    """Write a complete model directory atomically (a half-written one never appears).
+
+    An existing ``directory`` is replaced only when everything in it is cxrlab's (see outputs.py)."""
+    from .outputs import MARKER, check_output_dir, marker_bytes, real_path
+
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(directory, "train", replace=True)
+    real = real_path(directory)  # a symlink to a model directory: replace the directory it points to
+    real.parent.mkdir(parents=True, exist_ok=True)
     files = {MODEL_FILE: onnx_bytes, LABELS_FILE: ("\n".join(labels) + "\n").encode("utf-8"), **(arrays or {})}
     info = {"schema_version": SCHEMA_VERSION, **info, "labels": list(labels),
             "files": {name: _sha256(data) for name, data in sorted(files.items())}}
     info["info_sha256"] = _info_digest(info)
     files[INFO_FILE] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    files[MARKER] = marker_bytes("train", {name: "train" for name in files})
+    staging = make_temp_dir(real.parent, f".{real.name}.")
     try:
         for name, data in files.items():
             atomic_write_bytes(staging / name, data)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
+        _swap_in(staging, real)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -98,6 +98,21 @@ def _versions() -> dict:
 
     return {"cxrlab": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing ``target`` (already checked) is put back on failure."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = make_temp_dir(target.parent, f".{target.name}.old-")  # renaming a folder onto an empty one is allowed
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_model_dir(directory: str | os.PathLike) -> tuple[dict, list[str], bytes]:

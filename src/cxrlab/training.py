@@ -25,6 +25,7 @@ from .graph import fuse_head
 from .head import HeadOptions, StepInfo
 from .metrics import test_report
 from .modeldir import model_info, save_model
+from .outputs import RUN_FILES, OutputError, check_not_input, check_output_dir, claim, folder_classes
 from .progress import Progress
 from .split import Manifest, split_samples
 
@@ -111,6 +112,7 @@ def train(image_dir: str | os.PathLike, **options) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory (options: TrainOptions)."""
     o = TrainOptions(**options)
     started = time.time()
+    run_dir, model_dir = _output_dirs(o.output, [image_dir], o.summaries_dir, o.bottleneck_dir)
     check_calibration(o.calibration)
     image_dir = Path(image_dir)
     dataset = discover(image_dir, label_from_name=o.label_from_name, label_map=o.label_map)
@@ -130,7 +132,6 @@ def train(image_dir: str | os.PathLike, **options) -> TrainResult:
     notes += fit.notes + cal.notes
     metrics, rows_te, P_te = evaluate_split(fit, cal, splits, labels, positive, o.test_batch_size, o.seed, notes)
 
-    run_dir, model_dir = _output_dirs(o.output)
     gate = _ood_gate(fit, splits, frozen.digests, image_dir, o.progress) if o.ood else None
     info = model_info(
         labels=labels, positive_label=positive, backbone=fit.backbone, head=fit.head_info,
@@ -143,7 +144,10 @@ def train(image_dir: str | os.PathLike, **options) -> TrainResult:
         seed=o.seed, flags=o.flags(), metrics=metrics, fine_tune=fit.fine_tune_info, ood=gate.info() if gate else None)
     onnx_bytes = fuse_head(fit.backbone.onnx_path, cal.head.coef_, cal.head.intercept_, temperature=cal.temperature,
                            metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
+    if run_dir != model_dir:
+        claim(run_dir, "train", files=(model_dir.name, *RUN_FILES), inputs=[image_dir])
     save_model(model_dir, onnx_bytes=onnx_bytes, labels=labels, info=info, arrays=gate.arrays() if gate else {})
+    claim(run_dir, "train", files=RUN_FILES)
     manifest.write(run_dir / "split.csv")
 
     misclassified = [(str(image_dir / r.relpath), r.label, labels[int(k)])
@@ -299,10 +303,24 @@ def _all_probs(rows, fit: Fit, cal: Calibrated) -> dict[str, np.ndarray]:
     return {e.relpath: p for e, p in zip(rows, cal.probs(fit.X(rows)))}
 
 
-def _output_dirs(output) -> tuple[Path, Path]:
+def _output_dirs(output, inputs, summaries_dir=None, bottleneck_dir=None) -> tuple[Path, Path]:
+    """(run folder, model folder), refused before any work where writing would replace, hide or
+    delete the user's data (see outputs.py)."""
+    classes = folder_classes(inputs[0])
     if output is None:
-        run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        return run_dir, run_dir / "model"
-    model_dir = Path(output)
-    return model_dir, model_dir
+        stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        run_dir, n = stamp, 1
+        while os.path.lexists(run_dir):  # a run started in the same second
+            n += 1
+            run_dir = stamp.with_name(f"{stamp.name}-{n}")
+        check_output_dir(run_dir, "train", inputs=inputs, classes=classes, option="the default output folder")
+        model_dir = run_dir / "model"
+    else:
+        run_dir = model_dir = check_output_dir(output, "train", inputs=inputs, replace=True, classes=classes)
+    for option, folder in (("--summaries_dir", summaries_dir), ("--bottleneck_dir", bottleneck_dir)):
+        if folder is not None:  # their files never collide with the user's, but must not land in the data
+            check_not_input(folder, inputs, option, allow_contains=True)
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise OutputError(f"{option} {folder} is an existing file, not a folder; give a folder")
+    return run_dir, model_dir
 
