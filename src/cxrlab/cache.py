@@ -27,7 +27,6 @@ import tempfile
 import uuid
 import zipfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,6 @@ COMPACT_AFTER = 16  # segments
 KEY_BYTES = 32
 ROW_FORMAT = b"cxrlab embedding cache v1"
 VECTOR_DTYPE = np.dtype("<f4")
-MAC_THREADS, MAC_CHUNK = min(4, os.cpu_count() or 1), 1024  # rows
 
 # The cache is private: folders 0700 and files 0600 whatever the umask. This is the deliberate
 # exception to "respect the umask" for model and output files, which are meant to be shared.
@@ -208,18 +206,8 @@ class EmbeddingStore:
 
     def _row_macs(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         rows = np.concatenate([keys, vectors.view(np.uint8)], axis=1)  # digest || vector bytes, one row each
-
-        def macs(chunk: np.ndarray) -> bytes:
-            return b"".join(hmac.digest(self._mac_key, r, "sha256") for r in chunk)
-
-        # hmac.digest releases the GIL, so a big segment is checked on several cores.
-        chunks = np.array_split(rows, max(1, min(MAC_THREADS, len(rows) // MAC_CHUNK)))
-        if len(chunks) == 1:
-            out = macs(rows)
-        else:
-            with ThreadPoolExecutor(len(chunks)) as pool:
-                out = b"".join(pool.map(macs, chunks))
-        return np.frombuffer(out, np.uint8).reshape(len(rows), 32)
+        return np.frombuffer(b"".join(hmac.digest(self._mac_key, r, "sha256") for r in rows),
+                             np.uint8).reshape(len(rows), 32)
 
     def _read_segment(self, seg: Path) -> dict[str, np.ndarray] | None:
         """The arrays of a well-formed segment, None for a damaged or foreign one (FileNotFoundError passes)."""
