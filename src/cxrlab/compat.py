@@ -78,7 +78,7 @@ def _lines(path: Path) -> list[str] | None:
 def retrain_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="retrain", description="The TensorFlow retrain.py tutorial's command, run by cxrlab.")
     add_train_options(p)
-    p.set_defaults(backbone=None, bottleneck_dir="/tmp/bottleneck")
+    p.set_defaults(backbone=None)  # embeddings go to the private per-user cache, never a shared /tmp folder
     p.add_argument("--output_graph", default="/tmp/output_graph.pb", help="written as ONNX (cxrlab's analogue of the .pb)")
     p.add_argument("--output_labels", default="/tmp/output_labels.txt")
     p.add_argument("--architecture", default="inception_v3", help="inception_v3 (the tutorial's) or any cxrlab backbone")
