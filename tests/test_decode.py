@@ -345,7 +345,31 @@ def _seed_dicom():
     return buf.getvalue()
 
 
-SEEDS = [_seed("PNG"), _seed("JPEG", quality=80), _seed_dicom()]
+def _seed_wide():
+    """16-bit PNG with an sBIT chunk, 16-bit and float TIFF: the files the grey-level rule reads."""
+    png = bytearray(png_bytes(Image.fromarray(RAMP12[:8, :8].copy())))
+    png[33:33] = chunk(b"sBIT", b"\x0c")  # right after IHDR
+    tifs = []
+    for arr in (RAMP12[:8, :8], RAMP12[:8, :8].astype(np.float32) - 100):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "TIFF")
+        tifs.append(buf.getvalue())
+    return [bytes(png), *tifs]
+
+
+def _seed_dicom_lut():
+    """Pixel padding plus a VOI window, and a PALETTE COLOR image with its LUTs."""
+    pad, pal = io.BytesIO(), io.BytesIO()
+    dicom(pad, RAMP12[:8, :8].copy(), bits_stored=12, PixelPaddingValue=0, PixelPaddingRangeLimit=100,
+          WindowCenter=2000, WindowWidth=1000)
+    lut = {f"{c}PaletteColorLookupTableDescriptor": [256, 0, 16] for c in ("Red", "Green", "Blue")}
+    lut.update({f"{c}PaletteColorLookupTableData": (np.arange(256, dtype="<u2") * 257).tobytes()
+                for c in ("Red", "Green", "Blue")})
+    dicom(pal, gray8(8, 8), photometric="PALETTE COLOR", **lut)
+    return [pad.getvalue(), pal.getvalue()]
+
+
+SEEDS = [_seed("PNG"), _seed("JPEG", quality=80), _seed_dicom(), *_seed_wide(), *_seed_dicom_lut()]
 
 
 @st.composite

@@ -1,11 +1,40 @@
-"""Path or bytes -> float32 grayscale array in [0, 1] plus metadata, for every supported format."""
+"""Path or bytes -> float32 grayscale array in [0, 1] plus metadata, for every supported format.
+
+Which stored value is black and which is white
+----------------------------------------------
+A container's type says little about its data: 10-, 12- or 14-bit detector values are routinely
+stored in 16-bit PNG, TIFF or JPEG 2000, 8-bit values in 32-bit integer or float TIFF. Dividing by
+the type's maximum turns such images nearly black. The rule, decided per image from that image
+alone (deterministic, and the same whether or not the image is downscaled while decoding):
+
+1. 8-bit samples (JPEG, 8-bit PNG/TIFF/BMP/WebP/GIF, palettes): value / 255.
+2. Unsigned integers in a wider container: black is 0; white is the maximum the file declares, if
+   it declares one and the data keep to it (a PNG ``sBIT`` chunk of n bits: 2**n - 1, or 65535 when
+   the values exceed that, i.e. they are left-aligned as the PNG spec intends; a TIFF
+   BitsPerSample below the container's; a TIFF (S)MaxSampleValue below the type's maximum);
+   otherwise 2**n - 1 for the smallest common depth n in 8, 10, 12, 14, 16, 24, 32 that holds the
+   image's largest value. So 8-bit values in a 16-bit PNG decode exactly as the 8-bit original.
+3. Signed integers holding negative values: the image's own minimum and maximum.
+4. Floating point (NaN and infinities become black): TIFF SMinSampleValue..SMaxSampleValue when
+   they bracket the data; else data within 0..1 as they are; whole numbers >= 0 by rule 2; data
+   within 0..255 / 255; anything else by its own minimum and maximum.
+   A declared range is ignored when the image's brightest value stays below 1/256 of it (the
+   image would be a single grey level: evidently not its range).
+5. DICOM follows the standard with pydicom's own functions (see ``dicom_decode``).
+
+Guards (each failure is one ImageError naming the file; nothing else escapes ``decode_image``):
+the file size (MAX_FILE_BYTES) before reading, the declared pixel count (MAX_PIXELS) and aspect
+ratio (MAX_ASPECT) before any pixel is decoded; MemoryError and any decoder exception on hostile
+bytes become an ImageError with the reason.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import struct
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,23 +44,23 @@ from PIL import Image, ImageOps
 from .errors import ImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jp2", ".j2k", ".dcm", ".dicom"}
 )
 MAX_PIXELS: int = 120_000_000
+MAX_ASPECT: int = 100  # longer side / shorter side; a 1 x 100,000,000 strip is no radiograph
+MAX_FILE_BYTES: int = 1 << 30
 NOT_REGULAR = "not a regular file (a FIFO, socket or device); give an image file"
 
-_PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "JPEG2000")
+_PIL_MAGIC = (b"\x89PNG", b"GIF8", b"RIFF", b"II*\x00", b"MM\x00*", b"\xff\xd8", b"BM", b"\xff\x4f\xff\x51",
+              b"\x00\x00\x00\x0cjP  ")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's 'L'
 _COLOR_THRESHOLD = 0.01  # JPEG chroma rounding in an RGB copy of a gray image stays below this
-_SUPPORTED = "expected JPEG, PNG, BMP, TIFF, WebP, GIF or DICOM"
-_LJPEG_PKGS = "pylibjpeg pylibjpeg-libjpeg"
-_DECODER_PACKAGES = {  # compressed transfer syntax UID -> what to pip install for it
-    **dict.fromkeys((f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)), _LJPEG_PKGS),
-    **dict.fromkeys((f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 201, 202, 203)),
-                    "pylibjpeg pylibjpeg-openjpeg"),
-    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
-}
+_SUPPORTED = "expected JPEG, PNG, BMP, TIFF, WebP, GIF, JPEG 2000 or DICOM"
+_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_FLOAT_SLACK = 1e-3  # 0..1 float data a resampler pushed a hair outside the range
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,7 @@ class DecodedImage:
     format: str
     color: bool
     colorfulness: float
-    bit_depth: int
+    bit_depth: int  # significant bits of the samples as decoded (12 for 12-bit data in a 16-bit PNG)
 
 
 def looks_like_image_file(path: str | os.PathLike) -> bool:
@@ -76,16 +105,14 @@ def decode_image(
         label, data = name or "<bytes>", bytes(source)
     else:
         label = os.fspath(source)
-        data = _read(label)
+        data = read_image_bytes(label)
     try:
         if not data:
             raise ImageError(label, "empty file (0 bytes)")
         suffix = Path(str(label)).suffix.lower()
         if data[128:132] == b"DICM":
             return _decode_dicom(data, label, max_pixels, force=False)
-        pil_magic = data[:4] in (b"\x89PNG", b"GIF8", b"RIFF", b"II*\x00", b"MM\x00*") or data[:2] in (
-            b"\xff\xd8", b"BM")
-        if suffix in _DICOM_SUFFIXES and not pil_magic:
+        if suffix in _DICOM_SUFFIXES and not data.startswith(_PIL_MAGIC):
             return _decode_dicom(data, label, max_pixels, force=True)
         return _decode_pillow(data, label, max_pixels, min_size)
     except ImageError:
@@ -94,6 +121,38 @@ def decode_image(
         raise ImageError(label, "out of memory while decoding; the image is too large") from None
     except Exception as e:  # any decoder failure on hostile bytes must surface as ImageError
         raise ImageError(label, f"could not decode ({type(e).__name__}: {_msg(e)})") from e
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes; a folder, FIFO, missing, unreadable or oversized file raises ImageError."""
+    if os.path.isdir(path):
+        raise ImageError(path, "is a directory, not an image file")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise ImageError(path, f"file not found ({e.strerror})") from None
+    except OSError as e:
+        raise ImageError(path, f"could not read file ({e.strerror or e})") from None
+    if not Path(path).is_file():  # reading a FIFO would block forever
+        raise ImageError(path, NOT_REGULAR)
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(path, f"file is {_size_text(st.st_size)}, more than the limit of {_size_text(MAX_FILE_BYTES)} "
+                               "for one image; export a single frame or resize it")
+    try:
+        return Path(path).read_bytes()
+    except PermissionError:
+        raise ImageError(path, "permission denied; check the file's permissions") from None
+    except OSError as e:
+        raise ImageError(path, f"could not read file ({e.strerror or e})") from None
+    except MemoryError:
+        raise ImageError(path, f"out of memory reading a {_size_text(st.st_size)} file") from None
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def resize(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -105,23 +164,12 @@ def resize(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     if int(h) < 1 or int(w) < 1:
         raise ValueError(f"resize size must be positive, got {size!r}")
     img = Image.fromarray(np.ascontiguousarray(arr))  # mode 'F'; Pillow's BILINEAR antialiases when shrinking
-    out = np.asarray(img.resize((int(w), int(h)), Image.BILINEAR), dtype=np.float32)
+    # A huge shrink factor makes Pillow's filter tables huge (a 1 x 10^8 strip needs gigabytes):
+    # box-reduce first then, as Pillow's reducing_gap does. Ordinary factors keep the exact filter.
+    shrink = max(arr.shape[1] / int(w), arr.shape[0] / int(h))
+    gap = 8.0 if shrink > 64 else None
+    out = np.asarray(img.resize((int(w), int(h)), Image.BILINEAR, reducing_gap=gap), dtype=np.float32)
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0))
-
-
-def _read(path: str) -> bytes:
-    if os.path.isdir(path):
-        raise ImageError(path, "is a directory, not an image file")
-    if os.path.exists(path) and not os.path.isfile(path):  # reading a FIFO would block forever
-        raise ImageError(path, NOT_REGULAR)
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
-    except PermissionError:
-        raise ImageError(path, "permission denied; check the file's permissions") from None
-    except OSError as e:
-        raise ImageError(path, f"could not read file ({e.strerror or e})") from None
 
 
 def _head(data: bytes) -> str:
@@ -146,16 +194,20 @@ def _open_pillow(data: bytes, label: str):
         except Image.DecompressionBombError as e:  # e.g. a GIF frame larger than the canvas
             raise ImageError(label, f"image too large to decode ({_msg(e)}); resize it first") from None
         except Exception as e:
-            raise ImageError(label, f"corrupt {fmt} header: {_msg(e)}") from None
+            raise ImageError(label, f"corrupt or unsupported {fmt} header: {_msg(e)}") from None
     raise ImageError(label, f"not an image (file starts with {_head(data)}); {_SUPPORTED}")
 
 
-def _check_size(label: str, w: int, h: int, max_pixels: int) -> None:
+def check_size(label: str, w: int, h: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an invalid, oversized or absurdly elongated declared size before decoding a pixel."""
     if w < 1 or h < 1:
         raise ImageError(label, f"image has an invalid size {w} x {h}")
     if w * h > max_pixels:
         raise ImageError(label, f"image is {w} x {h} = {w * h:,} pixels, more than the limit of "
                                 f"{max_pixels:,} (decompression bomb guard); resize it first")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(label, f"image is {w} x {h} pixels: an aspect ratio beyond {MAX_ASPECT}:1 is no "
+                                "radiograph (a corrupt or hostile header?)")
 
 
 def _decode_pillow(data: bytes, label: str, max_pixels: int, min_size: int | None) -> DecodedImage:
@@ -165,22 +217,29 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int, min_size: int | Non
         img = _open_pillow(data, label)
         fmt = img.format or "?"
         w, h = img.size
-        _check_size(label, w, h, max_pixels)  # before any pixel is decoded
+        check_size(label, w, h, max_pixels)  # before any pixel is decoded
         try:
             if min_size and fmt == "JPEG" and w > 2 * min_size and h > 2 * min_size:
                 # Keep the mode (not 'L') so colorfulness survives for the OOD colour check.
                 img.draft(None, (min_size, min_size))
             img.load()
+            grey = _levels_of(img, data) if img.mode in _WIDE_MODES else None  # at full resolution
+            _check_wide_colour(img, data, label)
             img = _reduce_for(img, min_size)
             loaded = img.size
             img = ImageOps.exif_transpose(img) or img
+        except ImageError:
+            raise
         except (Image.DecompressionBombError, MemoryError) as e:
             raise ImageError(label, f"image too large to decode ({_msg(e)}); resize it first") from None
         except Exception as e:
             raise ImageError(label, f"truncated or corrupt {fmt}: {_msg(e)}") from None
         if img.size != loaded:  # EXIF orientation 5-8 swapped the axes
             w, h = h, w
-        arr, color, colorfulness, bits = _pil_to_gray(img)
+        if grey is not None:
+            arr, color, colorfulness, bits = _scale(img, grey[0], grey[1]), False, 0.0, grey[2]
+        else:
+            arr, color, colorfulness, bits = _pil_to_gray(img)
     return DecodedImage(_finish(arr), w, h, fmt, color, colorfulness, bits)
 
 
@@ -202,16 +261,143 @@ def _reduce_for(img: Image.Image, min_size: int | None) -> Image.Image:
         return img
 
 
+# ------------------------------------------------------------------ black and white levels
+def white_for(peak: float) -> float:
+    """2**n - 1 for the smallest common bit depth n that holds ``peak`` (rule 2)."""
+    for n in _DEPTHS:
+        if peak <= 2**n - 1:
+            return float(2**n - 1)
+    return float(peak)
+
+
+def levels(lo: float, hi: float, *, is_float: bool = False, integral: bool = True,
+           declared_white: float | None = None,
+           declared_range: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(black, white) for data whose finite values span lo..hi (``integral``: all whole numbers):
+    rules 2-4 of the module docstring."""
+    if declared_range is not None and _keeps_to(lo, hi, *declared_range):
+        return declared_range
+    if lo >= 0 and declared_white is not None and _keeps_to(lo, hi, 0.0, declared_white):
+        return 0.0, declared_white
+    if is_float and lo >= -_FLOAT_SLACK and hi <= 1 + _FLOAT_SLACK:
+        return 0.0, 1.0
+    if integral and lo >= 0:
+        return 0.0, white_for(hi)
+    if is_float and lo >= 0 and hi <= 255:
+        return 0.0, 255.0
+    return lo, hi
+
+
+def _keeps_to(lo: float, hi: float, black: float, white: float) -> bool:
+    span = white - black
+    return math.isfinite(span) and span > 0 and black <= lo and hi <= white and hi - black >= span / 256
+
+
+def _levels_of(img: Image.Image, data: bytes) -> tuple[float, float, int]:
+    """(black, white, significant bits) of a wide-mode Pillow image, from its full-resolution values."""
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        finite = a[np.isfinite(a)]
+        if not finite.size:
+            return 0.0, 1.0, 32
+        lo, hi = float(finite.min()), float(finite.max())
+        integral = bool(np.all(finite == np.round(finite)))
+        black, white = levels(lo, hi, is_float=True, integral=integral, declared_white=_tiff_white(img),
+                              declared_range=_tiff_range(img))
+        return black, white, 32
+    lo, hi = img.getextrema()
+    declared = _png_white(data, hi) if img.format == "PNG" else _tiff_white(img)
+    black, white = levels(float(lo), float(hi), declared_white=declared)
+    bits = max(1, math.ceil(math.log2(white - black + 1))) if white > black else 8
+    return black, white, bits
+
+
+def _png_white(data: bytes, peak: float) -> float | None:
+    """White of a 16-bit grayscale PNG from its sBIT chunk: 2**n - 1, or 65535 when left-aligned."""
+    bits = _png_sbit(data)
+    if bits is None or not 1 <= bits < 16:
+        return None
+    return float(2**bits - 1) if peak <= 2**bits - 1 else 65535.0
+
+
+def _png_sbit(data: bytes) -> int | None:
+    """The first byte (gray) of the sBIT chunk, which PNG puts before the first IDAT; Pillow drops it."""
+    pos = 8
+    while pos + 9 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"sBIT":
+            return data[pos + 8] if length else None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
+
+
+def _tiff_tag(img: Image.Image, tag: int) -> float | None:
+    value = getattr(img, "tag_v2", {}).get(tag)
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    try:
+        value = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _tiff_white(img: Image.Image) -> float | None:
+    """A TIFF's declared white: (S)MaxSampleValue below the type maximum, else BitsPerSample below 16."""
+    if img.format != "TIFF":
+        return None
+    bits = int(_tiff_tag(img, 258) or 0)  # BitsPerSample
+    type_max = 2.0**bits - 1 if bits else math.inf
+    for tag in (341, 281):  # SMaxSampleValue, MaxSampleValue
+        value = _tiff_tag(img, tag)
+        if value is not None and 0 < value < type_max:
+            return value
+    return float(2**bits - 1) if 8 < bits < 16 else None
+
+
+def _tiff_range(img: Image.Image) -> tuple[float, float] | None:
+    if img.format != "TIFF":
+        return None
+    lo, hi = _tiff_tag(img, 340), _tiff_tag(img, 341)  # SMinSampleValue, SMaxSampleValue
+    return (lo, hi) if lo is not None and hi is not None and hi > lo else None
+
+
+def _scale(img: Image.Image, black: float, white: float) -> np.ndarray:
+    a = np.array(img, dtype=np.float32)  # a writable copy: scaled in place
+    if img.mode == "F":
+        a = np.where(np.isfinite(a), a, np.float32(black))
+    span = white - black
+    if not span > 0:
+        return np.zeros(a.shape, dtype=np.float32)
+    a -= np.float32(black)
+    a *= np.float32(1.0 / span)
+    return a
+
+
+def _check_wide_colour(img: Image.Image, data: bytes, label: str) -> None:
+    """Pillow keeps only the high byte of 16-bit colour samples: refuse data that live in the low bits."""
+    if img.format == "PNG":
+        wide = data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
+    elif img.format == "TIFF":
+        bps = getattr(img, "tag_v2", {}).get(258)
+        wide = isinstance(bps, tuple) and len(bps) > 1 and all(b == 16 for b in bps)
+    else:
+        wide = False
+    if not wide or img.mode in _WIDE_MODES:
+        return
+    bands = img.getextrema()
+    bands = bands[:-1] if img.mode in ("LA", "RGBA") else bands
+    peak = max(hi for _, hi in bands)
+    if peak < 16:
+        raise ImageError(label, f"16-bit colour {img.format} whose values use only the low 12 bits (or fewer); "
+                                "it cannot be decoded faithfully (only the high byte is read): save it as 16-bit "
+                                "grayscale or as 8-bit")
+
+
 def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, bool, float, int]:
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(img).astype(np.float32) / 65535.0, False, 0.0, 16
-    if mode in ("I", "F"):
-        a = np.nan_to_num(np.asarray(img, dtype=np.float64), posinf=0.0, neginf=0.0)
-        top = 65535.0 if mode == "I" else 1.0  # mode I is usually 16-bit data Pillow widened to int32
-        if a.size and a.min() >= 0 and a.max() <= top:
-            return (a / top).astype(np.float32), False, 0.0, 16 if mode == "I" else 32
-        return _minmax(a), False, 0.0, 32
     if mode in ("L", "1", "LA", "La"):
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, False, 0.0, 8
     if mode != "RGB":
@@ -231,12 +417,15 @@ def _colorfulness(rgb: np.ndarray) -> float:
     return float(spread.mean(dtype=np.float64)) * 2.0 / 3.0
 
 
-def _minmax(a: np.ndarray) -> np.ndarray:
-    a = np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+def minmax(a: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Scale to [0, 1] by the finite values' minimum and maximum (only where ``mask`` is True)."""
+    a = np.asarray(a, dtype=np.float64)
+    sel = a[mask] if mask is not None else a
+    sel = sel[np.isfinite(sel)]
+    lo, hi = (float(sel.min()), float(sel.max())) if sel.size else (0.0, 0.0)
     if hi <= lo:
         return np.zeros(a.shape, dtype=np.float32)
-    return ((a - lo) / (hi - lo)).astype(np.float32)
+    return ((np.nan_to_num(a, nan=lo, posinf=lo, neginf=lo) - lo) / (hi - lo)).astype(np.float32)
 
 
 def _finish(arr: np.ndarray) -> np.ndarray:
@@ -245,113 +434,21 @@ def _finish(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0, out=arr)
 
 
-def _decode_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> DecodedImage:
-    try:
-        import pydicom
-    except ImportError:
-        raise ImageError(label, "reading DICOM needs pydicom: pip install pydicom") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=force)
-        except Exception as e:
-            raise ImageError(label, f"corrupt DICOM: {_msg(e)}") from None
-        try:  # pydicom parses elements lazily, so corrupt ones fail on access
-            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-                raise ImageError(label, "DICOM has no pixel data (e.g. a report or structured document)")
-            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-            _check_size(label, cols, rows, max_pixels)
-            arr = _dicom_pixels(ds, label)
-            return _dicom_to_gray(ds, arr, cols, rows)
-        except (ImageError, MemoryError):
-            raise
-        except Exception as e:
-            raise ImageError(label, f"corrupt DICOM: {_msg(e)}") from None
-
-
-def _dicom_pixels(ds, label: str) -> np.ndarray:
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    ts_name = f"{ts.name} ({ts})" if ts is not None else "unknown"
-    try:
-        if hasattr(ds, "pixel_array_options") and int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            ds.pixel_array_options(index=0)  # pydicom 3: decode only the first frame
-        arr = np.asarray(ds.pixel_array)
-    except MemoryError:
-        raise
-    except Exception as e:
-        if _is_compressed(ts):
-            pkgs = _DECODER_PACKAGES.get(str(ts), f"{_LJPEG_PKGS} pylibjpeg-openjpeg")
-            if not _decoder_available(ts):
-                raise ImageError(label, f"DICOM transfer syntax {ts_name} needs a decoder: "
-                                        f"pip install {pkgs}") from None
-            raise ImageError(label, f"DICOM transfer syntax {ts_name}: could not decode pixel data "
-                                    f"({_msg(e)}); another decoder may help: pip install {pkgs}") from None
-        raise ImageError(label, f"corrupt DICOM pixel data (transfer syntax {ts_name}): {_msg(e)}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1 and arr.ndim == (4 if spp > 1 else 3):
-        arr = arr[0]
-    if arr.ndim not in (2, 3) or arr.size == 0:
-        raise ImageError(label, f"DICOM pixel data has unexpected shape {arr.shape}")
-    return arr
-
-
 def _msg(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _is_compressed(ts) -> bool:
-    try:
-        return ts is not None and bool(ts.is_compressed)
-    except ValueError:  # not a known transfer syntax UID
-        return False
+def _decode_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> DecodedImage:
+    from .dicom_decode import decode_dicom
+
+    return decode_dicom(data, label, max_pixels, force=force)
 
 
-def _decoder_available(ts) -> bool:
-    try:
-        from pydicom.pixels import get_decoder
-        return bool(get_decoder(ts).is_available)
-    except Exception:  # pydicom 2 or an unknown syntax
-        return False
+def gray_image(pixels: np.ndarray, w: int, h: int, fmt: str, bits: int) -> DecodedImage:
+    return DecodedImage(_finish(pixels), w, h, fmt, False, 0.0, bits)
 
 
-def _dicom_to_gray(ds, arr: np.ndarray, w: int, h: int) -> DecodedImage:
-    bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or 8)
-    if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB)
-        rgb = _minmax(arr[..., :3]) if arr.dtype.kind == "f" or bits != 8 else arr[..., :3] / np.float32(255)
-        c = _colorfulness(rgb)
-        return DecodedImage(_finish(rgb @ _LUMA), w, h, "DICOM", c > _COLOR_THRESHOLD, c, bits)
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    if "VOILUTSequence" in ds:
-        out = _minmax(apply_voi_lut(values, ds, index=0))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        out = _window(values, ds)
-    else:
-        out = _minmax(values)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        out = 1.0 - out  # MONOCHROME1 stores air as the maximum; show it black like MONOCHROME2
-    return DecodedImage(_finish(out), w, h, "DICOM", False, 0.0, bits)
-
-
-def _window(values: np.ndarray, ds) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 windowing straight into [0, 1]; min-max if the window is unusable."""
-    def first(v):  # multi-valued windows: the first is the default
-        return float(v[0] if isinstance(v, Sequence) and not isinstance(v, str) else v)
-    try:
-        c, w = first(ds.WindowCenter), first(ds.WindowWidth)
-    except (TypeError, ValueError, IndexError):
-        return _minmax(values)
-    func = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
-    if not (np.isfinite(c) and np.isfinite(w)) or w <= 0 or (func == "LINEAR" and w < 1):
-        return _minmax(values)
-    if func == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (values - c) / w, -700, 700)))
-    elif func == "LINEAR_EXACT":
-        out = (values - c) / w + 0.5
-    else:
-        out = (values - (c - 0.5)) / max(w - 1.0, 1e-9) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+def colour_image(rgb: np.ndarray, w: int, h: int, fmt: str, bits: int) -> DecodedImage:
+    """``rgb`` is float (h, w, 3) already in [0, 1]."""
+    c = _colorfulness(rgb)
+    return DecodedImage(_finish(rgb @ _LUMA), w, h, fmt, c > _COLOR_THRESHOLD, c, bits)

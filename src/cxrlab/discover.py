@@ -11,6 +11,7 @@ from .decode import looks_like_image_file
 from .errors import DataError
 
 MIN_IMAGES_PER_CLASS = 20
+RENAME_HINT = "rename them to UTF-8 (e.g. convmv -f latin1 -t utf-8 -r --notest FOLDER)"
 
 # The NLM TB sets (Shenzhen, Montgomery) encode the label in the name: CHNCXR_0327_1.png is abnormal.
 NAME_RULES = {
@@ -56,6 +57,34 @@ def _walk_images(root: Path):
                 yield path
 
 
+def is_utf8_name(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python holds them as lone surrogates): it could
+    not be written into the split file, report or predictions without corrupting them."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(name: str) -> str:
+    """A name for messages and files: undecodable bytes shown as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if not is_utf8_name(name) else name
+
+
+def _not_utf8_warning(names: list[str]) -> str:
+    shown = ", ".join(printable_name(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} file(s) or folder(s) skipped because their names are not valid UTF-8 ({shown}); {RENAME_HINT}"
+
+
+def _label_by_name(regex: re.Pattern, mapping: dict[str, str], name: str) -> str | None:
+    m = regex.search(name)
+    if not m:
+        return None
+    raw = m.group("label") if "label" in regex.groupindex else m.group(1)
+    return mapping.get(raw, raw)
+
+
 def parse_name_rule(rule: str, label_map: dict[str, str] | None = None):
     """Return (compiled regex, label map) for a preset name ('nlm') or a regex with a `label` group."""
     if rule in NAME_RULES:
@@ -88,35 +117,42 @@ def discover(
     (or the preset ``'nlm'``) applied to its file name; files that do not match are ignored.
     """
     root = Path(root)
+    shown = printable_name(str(root))
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder. Give the folder that holds one subfolder per class.")
-    samples: list[Sample] = []
+        raise DataError(f"{shown}: not a folder. Give the folder that holds one subfolder per class.")
     warnings: list[str] = []
+    not_utf8: list[str] = []
     if label_from_name:
         regex, mapping = parse_name_rule(label_from_name, label_map)
-        unmatched = 0
-        for path in _walk_images(root):
-            m = regex.search(path.name)
-            if not m:
-                unmatched += 1
-                continue
-            raw = m.group("label") if "label" in regex.groupindex else m.group(1)
-            samples.append(Sample(path.relative_to(root).as_posix(), mapping.get(raw, raw)))
+        candidates = [(path, _label_by_name(regex, mapping, path.name)) for path in _walk_images(root)]
+        unmatched = sum(label is None for _, label in candidates)
         if unmatched:
-            warnings.append(f"{unmatched} image(s) under {root} did not match --label-from-name and were ignored")
+            warnings.append(f"{unmatched} image(s) under {shown} did not match --label-from-name and were ignored")
     else:
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for class_dir in class_dirs:
-            for path in _walk_images(class_dir):
-                samples.append(Sample(path.relative_to(root).as_posix(), class_dir.name))
+        not_utf8 += [d.name + "/" for d in class_dirs if not is_utf8_name(d.name)]
+        class_dirs = [d for d in class_dirs if is_utf8_name(d.name)]
+        candidates = [(path, d.name) for d in class_dirs for path in _walk_images(d)]
+    samples: list[Sample] = []
+    for path, label in candidates:
+        relpath = path.relative_to(root).as_posix()
+        if label is None:
+            continue
+        if is_utf8_name(relpath):
+            samples.append(Sample(relpath, label))
+        else:
+            not_utf8.append(relpath)
+    if not label_from_name:
         empty = [d.name for d in class_dirs if not any(s.label == d.name for s in samples)]
         if empty:
             warnings.append(f"class folder(s) with no images ignored: {', '.join(empty)}")
+    if not_utf8:
+        warnings.append(_not_utf8_warning(not_utf8))
     labels = sorted({s.label for s in samples})
     if len(labels) < require_classes:
         found = ", ".join(f"{label}/" for label in labels) or "none"
         raise DataError(
-            f"{root}: found {len(labels)} class(es) with images ({found}); training needs at least "
+            f"{shown}: found {len(labels)} class(es) with images ({found}); training needs at least "
             f"{require_classes}. Put each class in its own subfolder, or use --label-from-name."
         )
     dataset = Dataset(root, samples, labels, warnings)

@@ -12,13 +12,12 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .backbones import Backbone
 from .cache import EmbeddingStore
-from .decode import NOT_REGULAR, DecodedImage, decode_image, resize
+from .decode import DecodedImage, decode_image, read_image_bytes, resize
 from .errors import ImageError
 from .progress import Progress, resolve
 
@@ -57,23 +56,20 @@ def make_session(onnx_path: str | os.PathLike | bytes, *, threads: int | None = 
 
 
 def read_file(path: str | os.PathLike) -> bytes:
-    p = Path(path)
-    try:
-        if p.is_dir():
-            raise ImageError(p, "is a folder with no image files in it (JPEG, PNG, BMP, TIFF, WebP, GIF, DICOM)")
-        if p.exists() and not p.is_file():  # reading a FIFO would block forever
-            raise ImageError(p, NOT_REGULAR)
-        return p.read_bytes()
-    except ImageError:
-        raise
-    except OSError as exc:
-        raise ImageError(p, f"cannot read file: {exc.strerror or exc}") from None
+    """The file's bytes; every way of failing (a folder, FIFO, missing, unreadable or oversized
+    file, even MemoryError) is an ImageError naming the file, so one file never ends a run."""
+    if os.path.isdir(path):
+        raise ImageError(path, "is a folder with no image files in it (JPEG, PNG, BMP, TIFF, WebP, GIF, JPEG 2000, DICOM)")
+    return read_image_bytes(path)
 
 
 def prepare(data: bytes, size: int, name: str) -> tuple[np.ndarray, DecodedImage]:
     """Decode bytes and resize to the network's square input: (size, size) float32."""
     img = decode_image(data, name=name, min_size=size)
-    return resize(img.pixels, size), img
+    try:
+        return resize(img.pixels, size), img
+    except MemoryError:
+        raise ImageError(name, f"out of memory resizing a {img.width} x {img.height} image; resize it first") from None
 
 
 class Embedder:

@@ -181,7 +181,7 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
     doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
            f"<title>{e(str(title))}</title><style>{_CSS}</style></head><body>\n"
            + "\n".join(parts) + "\n</body></html>\n")
-    atomic_write_bytes(path, doc.encode("utf-8"))
+    atomic_write_bytes(path, doc.encode("utf-8", "backslashreplace"))  # a path that is not UTF-8
 
 
 # ----------------------------------------------------------------- helpers
@@ -224,7 +224,7 @@ def _predictions_csv(rows, labels) -> bytes:
         c = r.get("correct")
         w.writerow([r["path"], r.get("true_label") or "", *[f"{float(s):.6f}" for s in r["scores"]],
                     r["predicted_label"], "" if c is None else int(bool(c)), r.get("split") or ""])
-    return buf.getvalue().encode("utf-8")
+    return buf.getvalue().encode("utf-8", "backslashreplace")  # a path that is not UTF-8
 
 
 def _data_summary(rows, labels, scope) -> list[str]:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .discover import Sample
+from .discover import Sample, printable_name
 from .errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -48,7 +48,8 @@ def group_key(relpath: str, group_regex: str | re.Pattern | None = None) -> str:
 
 def assign_split(key: str, *, validation_percentage: float, testing_percentage: float) -> str:
     """The tutorial's which_set(), on a key that does not depend on where the folder lives."""
-    h = int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16)
+    # surrogateescape: a name that is not UTF-8 hashes as its bytes instead of raising.
+    h = int(hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest(), 16)
     percentage = (h % (_MAX_PER_CLASS + 1)) * (100.0 / _MAX_PER_CLASS)
     if percentage < validation_percentage:
         return "validation"
@@ -72,7 +73,7 @@ class Manifest:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(MANIFEST_FIELDS)
         for e in sorted(self.entries, key=lambda e: e.relpath):
-            writer.writerow([e.relpath, e.label, e.group, e.split])
+            writer.writerow([printable_name(e.relpath), printable_name(e.label), printable_name(e.group), e.split])
         return buf.getvalue()
 
     def digest(self) -> str:
@@ -85,18 +86,30 @@ class Manifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":
+        shown = printable_name(os.fspath(path))
         try:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
+                rows = list(csv.reader(f))
         except OSError as exc:
-            raise DataError(f"{path}: cannot read split file: {exc.strerror}") from None
-        if rows and set(MANIFEST_FIELDS) - set(rows[0]):
-            raise DataError(f"{path}: not a cxrlab split file; expected columns {', '.join(MANIFEST_FIELDS)}")
+            raise DataError(f"{shown}: cannot read split file: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{shown}: split file is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        except csv.Error as exc:
+            raise DataError(f"{shown}: not a cxrlab split file ({exc})") from None
+        header = rows[0] if rows else []
+        if rows and set(MANIFEST_FIELDS) - set(header):
+            raise DataError(f"{shown}: not a cxrlab split file; expected columns {', '.join(MANIFEST_FIELDS)}")
+        column = {name: header.index(name) for name in MANIFEST_FIELDS} if rows else {}
         entries = []
-        for i, row in enumerate(rows, start=2):
-            if row["split"] not in SPLITS:
-                raise DataError(f"{path}, line {i}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
-            entries.append(Entry(row["relpath"], row["label"], row["group"], row["split"]))
+        for i, row in enumerate(rows[1:], start=2):
+            if not row:
+                continue
+            if len(row) < len(header):
+                raise DataError(f"{shown}, line {i}: {len(row)} column(s), expected {len(header)}")
+            relpath, label, group, split = (row[column[name]] for name in MANIFEST_FIELDS)
+            if split not in SPLITS:
+                raise DataError(f"{shown}, line {i}: split {split!r} is not one of {', '.join(SPLITS)}")
+            entries.append(Entry(relpath, label, group, split))
         return cls(entries)
 
 
