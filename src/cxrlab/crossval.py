@@ -10,7 +10,7 @@ import numpy as np
 
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
-from .calibrate import TemperatureScaler, choose_operating_point, softmax
+from .calibrate import TemperatureScaler, choose_operating_point, parse_operating_point, softmax
 from .discover import discover
 from .embed import Embedder
 from .errors import DataError
@@ -41,6 +41,7 @@ def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: st
     """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the linear head."""
     if folds < 2:
         raise DataError("--folds must be at least 2")
+    parse_operating_point(operating_point)  # a bad rule fails now, not after the embedding
     root = Path(image_dir)
     ds = discover(root, label_from_name=label_from_name)
     if len(ds.labels) != 2 or positive_label not in ds.labels:

@@ -16,7 +16,8 @@ import numpy as np
 from . import __version__
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
-from .calibrate import OperatingPoint, PlattScaler, TemperatureScaler, choose_operating_point, softmax
+from .calibrate import (OperatingPoint, PlattScaler, TemperatureScaler, choose_operating_point, parse_operating_point,
+                        softmax)
 from .discover import discover
 from .embed import Embedder, SkippedFile
 from .errors import DataError
@@ -109,6 +110,7 @@ def train(
     started = time.time()
     if calibration not in ("auto", "temperature", "platt", "none"):
         raise DataError(f"unknown calibration {calibration!r}; use auto, temperature, platt or none")
+    parse_operating_point(operating_point)  # a bad rule fails now, not after the embedding
     image_dir = Path(image_dir)
     dataset = discover(image_dir, label_from_name=label_from_name, label_map=label_map)
     notes = list(dataset.warnings)
