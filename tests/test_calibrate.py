@@ -26,7 +26,7 @@ S = np.array(POS + NEG)
 @pytest.mark.parametrize("text,expected", [
     ("who", ("who", None)), ("WHO", ("who", None)), ("youden", ("youden", None)),
     ("argmax", ("argmax", None)),
-    ("sensitivity=0.9", ("sensitivity", 0.9)), ("sensitivity=90", ("sensitivity", 0.9)),
+    ("sensitivity=0.9", ("sensitivity", 0.9)),
     ("sensitivity=90%", ("sensitivity", 0.9)), ("specificity=0.7", ("specificity", 0.7)),
     ("specificity=70%", ("specificity", 0.7)), (" sensitivity = 1 ", ("sensitivity", 1.0)),
 ])
@@ -37,7 +37,8 @@ def test_parse_rule_accepts(text, expected):
 
 
 @pytest.mark.parametrize("junk", ["", "best", "sensitivity", "sensitivity=", "sensitivity=abc",
-                                  "specificity=0", "specificity=150", "precision=0.9", "who=1"])
+                                  "specificity=0", "specificity=150", "precision=0.9", "who=1",
+                                  "sensitivity=90", "sensitivity=1.5"])  # a bare number above 1 is not guessed at
 def test_parse_rule_rejects(junk):
     with pytest.raises(DataError, match="valid spellings|target must be"):
         parse_rule(junk)

@@ -17,14 +17,14 @@ from .errors import DataError, NotFittedError
 from .metrics import check_binary
 
 __all__ = [
-    "OperatingPoint", "parse_rule", "choose_operating_point",
+    "OperatingPoint", "OperatingPointSpec", "parse_operating_point", "parse_rule", "choose_operating_point",
     "TemperatureScaler", "PlattScaler", "softmax", "WHO_MIN_SENSITIVITY",
     "CALIBRATIONS", "check_calibration", "Calibrated", "calibrate_and_threshold",
 ]
 
 WHO_MIN_SENSITIVITY = 0.90
-_VALID_RULES = ("'who'", "'youden'", "'argmax'", "'sensitivity=0.9' (or =90, =90%)",
-                "'specificity=0.7' (or =70, =70%)")
+_VALID_RULES = ("'who'", "'youden'", "'argmax'", "'sensitivity=0.9' (a fraction in (0, 1]) or 'sensitivity=90%'",
+                "'specificity=0.7' or 'specificity=70%'")
 _EPS = 1e-12
 
 
@@ -52,25 +52,53 @@ class OperatingPoint:
             raise DataError(f"not a valid operating point: {d!r} ({e})") from None
 
 
-def parse_rule(rule: str) -> tuple[str, float | None]:
-    """'who' | 'youden' | 'argmax' | 'sensitivity=s' | 'specificity=s' -> (kind, s or None)."""
-    bad = DataError(f"unknown operating-point rule {rule!r}; valid spellings: "
-                    + ", ".join(_VALID_RULES))
-    if not isinstance(rule, str):
-        raise bad
-    r = rule.strip().lower().replace(" ", "")
+@dataclass(frozen=True)
+class OperatingPointSpec:
+    """A validated operating-point rule: ``kind`` and, for sensitivity/specificity, a target in (0, 1]."""
+
+    kind: str  # who | youden | argmax | sensitivity | specificity
+    target: float | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.target is None else f"{self.kind}={self.target:g}"
+
+
+def parse_operating_point(spec) -> OperatingPointSpec:
+    """'who' | 'youden' | 'argmax' | 'sensitivity=0.9' | 'sensitivity=90%' | 'specificity=...'.
+
+    A target is a fraction in (0, 1] or a percentage in (0, 100] with an explicit '%': a bare number
+    above 1 ('sensitivity=90', 'sensitivity=1.5') is refused rather than guessed at. Call it before any
+    training so a bad rule fails in a second, not after the embedding.
+    """
+    if isinstance(spec, OperatingPointSpec):
+        return spec
+
+    def bad(why: str) -> DataError:
+        return DataError(f"operating point {spec!r}: {why}; valid spellings: " + ", ".join(_VALID_RULES))
+
+    if not isinstance(spec, str):
+        raise bad("not a rule")
+    r = spec.strip().lower().replace(" ", "")
     if r in ("who", "youden", "argmax"):
-        return r, None
+        return OperatingPointSpec(r)
     m = re.fullmatch(r"(sensitivity|sens|specificity|spec)[=:]([0-9]*\.?[0-9]+)(%?)", r)
     if not m:
-        raise bad
+        raise bad("unknown rule or malformed target")
     kind = "sensitivity" if m.group(1).startswith("sens") else "specificity"
-    value = float(m.group(2))
-    if m.group(3) or value > 1.0:
-        value /= 100.0
-    if not 0.0 < value <= 1.0:
-        raise DataError(f"rule {rule!r}: the target must be in (0, 1] (or (0, 100]%)")
-    return kind, value
+    value, percent = float(m.group(2)), bool(m.group(3))
+    if not percent and value > 1.0:
+        raise bad(f"the target {m.group(2)} is not a fraction; write {value / 100:g} or {m.group(2)}% if a "
+                  "percentage was meant" if value <= 100 else f"the target {m.group(2)} is out of range")
+    target = value / 100.0 if percent else value
+    if not 0.0 < target <= 1.0:
+        raise bad(f"the target must be in (0, 1] (or (0%, 100%]), got {m.group(2)}{m.group(3)}")
+    return OperatingPointSpec(kind, target)
+
+
+def parse_rule(rule) -> tuple[str, float | None]:
+    """(kind, target or None) of a rule; see ``parse_operating_point``."""
+    spec = parse_operating_point(rule)
+    return spec.kind, spec.target
 
 
 def _rates(y, s, t: float) -> tuple[float, float]:
@@ -78,9 +106,11 @@ def _rates(y, s, t: float) -> tuple[float, float]:
     return (float(np.mean(pred[y == 1])), float(np.mean(~pred[y == 0])))
 
 
-def choose_operating_point(y, scores, rule: str = "who") -> OperatingPoint:
+def choose_operating_point(y, scores, rule: str | OperatingPointSpec = "who") -> OperatingPoint:
     """Pick a threshold on (y, scores) by rule; fall back to Youden when the rule can't be met."""
-    kind, target = parse_rule(rule)
+    spec = parse_operating_point(rule)
+    kind, target = spec.kind, spec.target
+    rule = rule if isinstance(rule, str) else str(spec)
     y, s = check_binary(y, scores, what="an operating point")
     if kind == "argmax":
         sens, spec = _rates(y, s, 0.5)

@@ -174,14 +174,19 @@ def render_prediction_text(p, top_k: int | None = None, header: bool = False) ->
     return lines
 
 
-def run_predict(a) -> int:
+def load_model_arg(a):
+    """The --model of a command, with its --trust-modified-model choice."""
     from .predict import load_model
 
+    return load_model(a.model, trust_modified=a.trust_modified_model)
+
+
+def run_predict(a) -> int:
     if a.explain:  # before any work
         from .explain import check_output
 
         check_output(a.explain, a.model, a.paths)
-    model = load_model(a.model)
+    model = load_model_arg(a)
     preds = model.predict(a.paths, ood=not a.no_ood)
     if a.format == "json":
         print(json.dumps([p.to_dict() for p in preds], indent=2))
@@ -206,7 +211,7 @@ def run_evaluate(a) -> int:
     from .evaluate import evaluate
     from .progress import TqdmProgress
 
-    r = evaluate(a.model, a.data, label_from_name=a.label_from_name, output=a.output, ood=not a.no_ood,
+    r = evaluate(load_model_arg(a), a.data, label_from_name=a.label_from_name, output=a.output, ood=not a.no_ood,
                  progress=TqdmProgress())
     m = r.metrics
     print(f"Images: {m['n_images']} scored, {m['n_rejected']} rejected as out-of-distribution, {m['n_skipped']} unreadable")
@@ -252,9 +257,7 @@ def run_cv(a) -> int:
 
 
 def run_ood_check(a) -> int:
-    from .predict import load_model
-
-    model = load_model(a.model)
+    model = load_model_arg(a)
     if model.ood_gate is None:
         raise CxrlabError(f"{a.model}: this model has no out-of-distribution gate (trained with --no-ood)")
     for p in model.predict(a.paths):
@@ -269,7 +272,7 @@ def run_datasets(a) -> int:
     from .progress import TqdmProgress
 
     if a.archive:
-        r = layout_archive(a.name, a.archive, a.dest)
+        r = layout_archive(a.name, a.archive, a.dest, sha256=a.sha256)
     else:
         r = download(a.name, a.dest, url=a.url, sha256=a.sha256, progress=TqdmProgress(unit="B"))
     for note in r.notes:
@@ -280,10 +283,9 @@ def run_datasets(a) -> int:
 
 def run_explain(a) -> int:
     from .explain import explain_paths, summary
-    from .predict import load_model
 
     skipped: list[tuple[str, str]] = []
-    heatmaps = explain_paths(load_model(a.model), a.paths, a.output, skipped=skipped)
+    heatmaps = explain_paths(load_model_arg(a), a.paths, a.output, skipped=skipped)
     print(f"{len(heatmaps)} heatmap(s) written to {a.output}")
     if skipped:
         print(f"Skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
@@ -313,14 +315,13 @@ def run_compare(a) -> int:
 
 def run_site_shift(a) -> int:
     from .outputs import check_output_dir, claim, model_labels
-    from .predict import load_model
     from .siteshift import format_rows, site_shift_folder
 
     inputs = [a.model, a.data]
     if a.output:  # before any work
         check_output_dir(a.output, "site-shift", inputs=inputs, files=["site_shift.json"],
                          classes=model_labels(a.model))
-    rows = site_shift_folder(load_model(a.model), a.data, label_from_name=a.label_from_name)
+    rows = site_shift_folder(load_model_arg(a), a.data, label_from_name=a.label_from_name)
     print("\n".join(format_rows(rows)))
     if a.output:
         from .fsutil import atomic_write_bytes
@@ -334,8 +335,14 @@ def run_site_shift(a) -> int:
 def run_serve(a) -> int:
     from .serve import serve
 
-    serve(a.model, host=a.host, port=a.port)
+    serve(a.model, host=a.host, port=a.port, trust_modified=a.trust_modified_model)
     return 0
+
+
+def add_trust_option(p) -> None:
+    p.add_argument("--trust-modified-model", action="store_true",
+                   help="load a model directory whose files differ from their SHA-256 record (edited or damaged); "
+                        "its values are still validated, and a warning is printed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(command("train", run_train, "train a classifier from a folder of labelled images"))
     p = command("predict", run_predict, "label images with a trained model")
     p.add_argument("--model", "-m", required=True)
+    add_trust_option(p)
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--format", choices=["text", "json", "csv"], default="text")
@@ -358,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="OUT_DIR", help="also write class activation map overlays here")
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
     p.add_argument("--model", "-m", required=True)
+    add_trust_option(p)
     p.add_argument("data", metavar="DATA")
     p.add_argument("--label-from-name", metavar="REGEX")
     p.add_argument("--output", "-o", help="folder for metrics.json, predictions.csv, report.html")
@@ -378,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="folder for metrics.json")
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")
     p.add_argument("--model", "-m", required=True)
+    add_trust_option(p)
     p.add_argument("paths", nargs="+", metavar="PATH")
     p = command("datasets", run_datasets, "download and lay out the NLM TB chest X-ray sets")
     p.add_argument("action", choices=["download"])
@@ -388,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", help="lay out an archive you already downloaded (no network)")
     p = command("explain", run_explain, "write class activation map overlays (where the model looked)")
     p.add_argument("--model", "-m", required=True)
+    add_trust_option(p)
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--output", "-o", required=True, metavar="OUT_DIR")
     p.add_argument("--summary", action="store_true", help="print the share of heat in the image border")
@@ -397,11 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", help="comma-separated names for the rows, one per DIR")
     p = command("site-shift", run_site_shift, "AUC and sens/spec at the stored operating point under simulated hospital differences")
     p.add_argument("--model", "-m", required=True)
+    add_trust_option(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
     p.add_argument("--label-from-name", metavar="REGEX")
     p.add_argument("--output", "-o", help="folder for site_shift.json (the rows as JSON)")
     p = command("serve", run_serve, "a local web page and REST API")
     p.add_argument("--model", "-m", required=True)
+    add_trust_option(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     return parser

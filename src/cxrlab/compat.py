@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import add_train_options, render_prediction_text, render_train_result, run, train_kwargs
+from .cli import add_train_options, add_trust_option, render_prediction_text, render_train_result, run, train_kwargs
 
 ARCHITECTURES = {"inception_v3": "inception-v3", "mobilenet": "efficientnet-lite0"}
 
@@ -92,7 +92,7 @@ def retrain_main(argv=None) -> int:
 def _run_label_image(a) -> int:
     from .predict import Model
 
-    model = Model.from_graph(a.graph, a.labels)
+    model = Model.from_graph(a.graph, a.labels, trust_modified=a.trust_modified_model)
     for image in a.image:
         for p in model.predict([image]):
             print("\n".join(render_prediction_text(p, header=len(a.image) > 1)))
@@ -104,6 +104,7 @@ def label_image_main(argv=None) -> int:
     p.add_argument("--graph", default="/tmp/output_graph.pb")
     p.add_argument("--labels", default="/tmp/output_labels.txt")
     p.add_argument("--image", required=True, action="append", help="image file (repeat for several)")
+    add_trust_option(p)
     for ignored in ("--input_layer", "--output_layer", "--input_height", "--input_width", "--input_mean", "--input_std"):
         p.add_argument(ignored, help="accepted for compatibility: the preprocessing lives in the model")
     a = p.parse_args(argv)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibrate import parse_operating_point
 from .discover import discover
 from .errors import DataError
 from .fit import Splits
@@ -32,6 +33,7 @@ def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: st
     """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the model ``train`` would ship."""
     if folds < 2:
         raise DataError("--folds must be at least 2")
+    parse_operating_point(operating_point)  # a bad rule fails now, not after the embedding
     root = Path(image_dir)
     ds = discover(root, label_from_name=label_from_name)
     if len(ds.labels) != 2 or positive_label not in ds.labels:

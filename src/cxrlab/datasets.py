@@ -347,10 +347,10 @@ def layout_archive(name: str, archive: str | os.PathLike, dest: str | os.PathLik
     if not archive.is_file():
         raise DataError(f"archive not found: {archive}")
     dest = _check_dest(dest)
-    (dest / ".downloads").mkdir(parents=True, exist_ok=True)
     expected = _norm_digest(sha256) or _norm_digest(info.sha256)
     notes: list[str] = []
-    digest = _verify(info, archive, expected, notes, None, delete_on_mismatch=False)
+    digest = _verify(info, archive, expected, notes, None, delete_on_mismatch=False)  # before dest is touched
+    (dest / ".downloads").mkdir(parents=True, exist_ok=True)
     counts = _layout(info, archive, dest, digest, notes, progress)
     _check_counts(info, counts, notes)
     return DownloadResult(dest=dest, archive=archive, sha256=digest, counts=counts, notes=notes)

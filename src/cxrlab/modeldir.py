@@ -4,6 +4,10 @@
     labels.txt    one label per line, in output order (the tutorial's output_labels.txt)
     cxrlab.json   everything needed to reproduce and consume the model, incl. SHA-256 of files
     *.safetensors optional arrays (e.g. the out-of-distribution gate)
+
+Loading verifies every file the model needs against the SHA-256 record (mandatory) and validates
+every value of cxrlab.json (cxrlab.modelschema), so an edited or damaged model is refused rather
+than giving wrong answers.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._version import __version__
 from .errors import ModelDirError
 from .fsutil import atomic_write_bytes, make_temp_dir
-
-SCHEMA_VERSION = 1
+from .modelschema import SCHEMA_VERSION, Invalid, check_info, file_name, show
 MODEL_FILE, LABELS_FILE, INFO_FILE = "model.onnx", "labels.txt", "cxrlab.json"
 
 
@@ -47,6 +52,10 @@ def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[
     info = {"schema_version": SCHEMA_VERSION, **info, "labels": list(labels),
             "files": {name: _sha256(data) for name, data in sorted(files.items())}}
     info["info_sha256"] = _info_digest(info)
+    check_info(info, f"{directory / INFO_FILE} (not written)")  # never write a model that would not load
+    if any(name not in files for name in needed_files(info)):
+        raise ModelDirError(f"{directory}: not written: cxrlab.json refers to files {needed_files(info)} "
+                            f"but only {sorted(files)} were given")
     files[INFO_FILE] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
     files[MARKER] = marker_bytes("train", {name: "train" for name in files})
     staging = make_temp_dir(real.parent, f".{real.name}.")
@@ -115,43 +124,153 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_model_dir(directory: str | os.PathLike) -> tuple[dict, list[str], bytes]:
+@dataclass
+class ModelFiles:
+    """A model directory's verified content."""
+
+    info: dict
+    labels: list[str]
+    onnx_bytes: bytes
+    arrays: dict[str, bytes] = field(default_factory=dict)  # array files the info refers to, by name
+
+
+def read_model_dir(directory: str | os.PathLike, *, trust_modified: bool = False) -> tuple[dict, list[str], bytes]:
     """Read and verify a model directory: (info, labels, model bytes)."""
+    m = load_model_files(directory, trust_modified=trust_modified)
+    return m.info, m.labels, m.onnx_bytes
+
+
+def load_model_files(directory: str | os.PathLike, *, trust_modified: bool = False) -> ModelFiles:
+    """Read a model directory, verify every file against cxrlab.json's SHA-256 record, validate every value.
+
+    The SHA-256 record is mandatory. ``trust_modified`` loads a directory whose record is missing or
+    does not match (with a warning on stderr); the values are validated all the same.
+    """
     directory = Path(directory)
+    info = _read_info(directory)
+    modified = _check_info_digest(directory, info, trust_modified)
+    check_info(info, str(directory / INFO_FILE))
+    needed = needed_files(info)
+    blobs = {name: _read_needed(directory, name) for name in needed}
+    modified += _check_file_digests(directory, info, blobs, trust_modified)
+    try:
+        labels = blobs[LABELS_FILE].decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{directory / LABELS_FILE}: not UTF-8 text") from None
+    if labels != info["labels"]:
+        raise ModelDirError(f"{directory}: {LABELS_FILE} and {INFO_FILE} list different labels "
+                            f"({show(labels)} vs {show(info['labels'])})")
+    if trust_modified:
+        _warn_trusted(directory, modified)
+    arrays = {name: blobs[name] for name in needed[2:]}
+    return ModelFiles(info, labels, blobs[MODEL_FILE], arrays)
+
+
+def needed_files(info: dict) -> list[str]:
+    """The files a model cannot be used without: the graph, its labels, the arrays the info refers to."""
+    return [MODEL_FILE, LABELS_FILE] + ([info["ood"]["arrays"]] if info.get("ood") else [])
+
+
+_RESTORE = "Retrain or restore the model (--trust-modified-model loads it anyway)."
+
+
+def _read_info(directory: Path) -> dict:
     if not directory.is_dir():
         raise ModelDirError(f"{directory}: not a model directory (expected a folder with {MODEL_FILE}, {LABELS_FILE}, {INFO_FILE})")
     try:
         info = json.loads((directory / INFO_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelDirError(f"{directory}: {INFO_FILE} is missing; this is not a complete cxrlab model") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ModelDirError(f"{directory / INFO_FILE}: unreadable or not JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise ModelDirError(f"{directory / INFO_FILE}: not a JSON object; this is not a cxrlab model description")
     version = info.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ModelDirError(f"{directory}: schema_version {version!r} is not supported by this cxrlab "
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise ModelDirError(f"{directory}: schema_version {show(version)} is not supported by this cxrlab "
                             f"(supports {SCHEMA_VERSION}); upgrade cxrlab or retrain the model")
-    if "info_sha256" in info and info["info_sha256"] != _info_digest(info):
-        raise ModelDirError(f"{directory / INFO_FILE}: content differs from the SHA-256 recorded at save time; "
-                            "the file was edited or damaged. Retrain or restore the model.")
-    blobs = {}
-    for name, digest in info.get("files", {}).items():
+    return info
+
+
+def _refuse_or_note(problem: str, trust_modified: bool) -> list[str]:
+    if not trust_modified:
+        raise ModelDirError(f"{problem}. {_RESTORE}")
+    return [problem]
+
+
+def _check_info_digest(directory: Path, info: dict, trust_modified: bool) -> list[str]:
+    recorded = info.get("info_sha256")
+    try:
+        intact = recorded == _info_digest(info)
+    except (RecursionError, ValueError):  # nested past what json can write back: not what cxrlab saved
+        intact = False
+    if recorded is None:
+        problem = (f"{directory / INFO_FILE}: has no info_sha256 record, so its content cannot be verified; "
+                   "the file was edited or damaged")
+    elif not intact:
+        problem = (f"{directory / INFO_FILE}: content differs from the SHA-256 recorded at save time; "
+                   "the file was edited or damaged")
+    else:
+        return []
+    return _refuse_or_note(problem, trust_modified)
+
+
+def _read_needed(directory: Path, name: str) -> bytes:
+    try:
+        return (directory / name).read_bytes()
+    except OSError:
+        raise ModelDirError(f"{directory}: {name} is missing or unreadable; the model directory is incomplete") from None
+
+
+def _check_file_digests(directory: Path, info: dict, blobs: dict[str, bytes], trust_modified: bool) -> list[str]:
+    """Every needed file listed in ``files`` with a matching digest, and every listed file present and intact."""
+    files = info.get("files")
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        return _refuse_or_note(f"{directory / INFO_FILE}: no valid 'files' record of SHA-256 digests, "
+                               "so the files cannot be verified", trust_modified)
+    problems = []
+    for name in blobs:
+        if name not in files:
+            problems += _refuse_or_note(f"{directory / INFO_FILE}: does not list {name} in 'files', "
+                                        "so it cannot be verified", trust_modified)
+        elif _sha256(blobs[name]) != files[name]:
+            problems += _refuse_or_note(f"{directory / name}: content differs from the SHA-256 recorded at save "
+                                        "time; the file was altered or damaged", trust_modified)
+    for name, digest in files.items():
+        if name in blobs:
+            continue
         try:
-            blobs[name] = (directory / name).read_bytes()
-        except OSError:
-            raise ModelDirError(f"{directory}: {name} is missing; the model directory is incomplete") from None
-        if _sha256(blobs[name]) != digest:
-            raise ModelDirError(f"{directory / name}: content differs from the SHA-256 recorded at save time; "
-                                "the file was altered or damaged. Retrain or restore the model.")
-    for required in (MODEL_FILE, LABELS_FILE):
-        if required not in blobs:
-            raise ModelDirError(f"{directory}: {INFO_FILE} does not list {required}")
-    labels = blobs[LABELS_FILE].decode("utf-8").splitlines()
-    if labels != info.get("labels"):
-        raise ModelDirError(f"{directory}: {LABELS_FILE} and {INFO_FILE} list different labels")
-    return info, labels, blobs[MODEL_FILE]
+            file_name(name)
+            data = (directory / name).read_bytes()
+        except (Invalid, OSError):
+            problems += _refuse_or_note(f"{directory}: {show(name)}, listed in {INFO_FILE}, is missing; "
+                                        "the model directory is incomplete", trust_modified)
+            continue
+        if _sha256(data) != digest:
+            problems += _refuse_or_note(f"{directory / name}: content differs from the SHA-256 recorded at save "
+                                        "time; the file was altered or damaged", trust_modified)
+    return problems
+
+
+def _warn_trusted(directory: Path, modified: list[str]) -> None:
+    if modified:
+        print(f"WARNING: --trust-modified-model: {directory} was modified after training and is loaded anyway; "
+              f"its answers may not be the trained model's ({'; '.join(modified)})", file=sys.stderr)
+    else:
+        print(f"WARNING: --trust-modified-model given; {directory} matches its SHA-256 record, nothing was skipped",
+              file=sys.stderr)
+
+
+def parse_arrays(data: bytes, where: str | os.PathLike) -> dict:
+    """The arrays of a safetensors file (never unpickled); ModelDirError when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise ModelDirError(f"{where}: not a readable safetensors file ({exc})") from None
 
 
 def read_array_file(directory: str | os.PathLike, name: str) -> dict:
-    from safetensors.numpy import load
-
-    return load((Path(directory) / name).read_bytes())
+    return parse_arrays(_read_needed(Path(directory), name), Path(directory) / name)

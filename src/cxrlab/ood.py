@@ -11,13 +11,17 @@ The score is the largest z; the threshold is set on the validation split so that
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .decode import DecodedImage
+from .errors import ModelDirError
 
 ARRAY_FILE = "ood.safetensors"
+ARRAY_NAMES = ("mean", "components", "scales", "centers", "spreads")
 COLOR_LIMIT = 0.06  # mean channel difference on [0, 1]; gray X-rays saved as RGB sit near 0
 FLAT_LIMIT = 0.02  # pixel standard deviation of a blank or nearly uniform image
 COLOR_PENALTY = 100.0
@@ -59,16 +63,54 @@ class OODGate:
         from safetensors.numpy import save
 
         tensors = {k: np.ascontiguousarray(getattr(self, k), np.float64)
-                   for k in ("mean", "components", "scales", "centers", "spreads")}
+                   for k in ARRAY_NAMES}
         return {ARRAY_FILE: save(tensors)}
 
     @classmethod
-    def load(cls, directory, info: dict) -> "OODGate":
-        from .modeldir import read_array_file
+    def load(cls, directory, info: dict, *, data: bytes | None = None, embed_dim: int | None = None) -> "OODGate":
+        """The gate described by ``info`` (cxrlab.json's ``ood``), its arrays read from ``directory``
+        (or given as ``data``, the file's bytes already verified), every array checked."""
+        from .modeldir import parse_arrays, read_array_file
 
-        a = read_array_file(directory, info.get("arrays", ARRAY_FILE))
-        return cls(a["mean"], a["components"], a["scales"], a["centers"], a["spreads"],
-                   float(info["threshold"]), float(info["reject_rate"]))
+        name = info.get("arrays", ARRAY_FILE)
+        where = Path(directory) / name
+        arrays = read_array_file(directory, name) if data is None else parse_arrays(data, where)
+        return cls(*_checked_arrays(arrays, where, info.get("n_components"), embed_dim),
+                   _finite(info["threshold"], where, "threshold"), _finite(info["reject_rate"], where, "reject_rate"))
+
+
+def _finite(value, where, name: str) -> float:
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ModelDirError(f"{where}: the gate's {name} must be a finite number, got {str(value)[:40]}")
+    return number
+
+
+def _checked_arrays(arrays: dict, where, n_components: int | None, embed_dim: int | None) -> list[np.ndarray]:
+    """mean (d,), components (k, d), scales (k,) > 0, centers (2,), spreads (2,) > 0: finite floats."""
+    missing = [k for k in ARRAY_NAMES if k not in arrays]
+    if missing:
+        raise ModelDirError(f"{where}: the out-of-distribution gate lacks array(s) {', '.join(missing)}")
+    out = []
+    for name in ARRAY_NAMES:
+        a = arrays[name]
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+            raise ModelDirError(f"{where}: array {name} must hold finite floats (dtype {a.dtype})")
+        out.append(a.astype(np.float64))
+    mean, components, scales, centers, spreads = out
+    d = embed_dim if embed_dim is not None else mean.shape[-1] if mean.ndim == 1 else -1
+    k = n_components if n_components is not None else len(scales) if scales.ndim == 1 else -1
+    want = {"mean": (d,), "components": (k, d), "scales": (k,), "centers": (2,), "spreads": (2,)}
+    for name, a in zip(ARRAY_NAMES, out):
+        if a.shape != want[name] or min(want[name]) < 1:
+            raise ModelDirError(f"{where}: array {name} has shape {a.shape}, expected {want[name]} "
+                                f"({k} components of a {d}-dimensional embedding)")
+    if np.any(scales <= 0) or np.any(spreads <= 0):
+        raise ModelDirError(f"{where}: arrays scales and spreads must be positive")
+    return out
 
 
 def _robust(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 from .decode import DecodedImage, looks_like_image_file
 from .embed import make_session, prepare, read_file
 from .errors import ImageError, ModelDirError
-from .modeldir import MODEL_FILE, read_model_dir
+from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files
+from .modelschema import INPUT_SIZE_RANGE, Invalid, show
+from .modelschema import labels as check_labels
 
 
 @dataclass
@@ -52,54 +55,70 @@ def expand_paths(paths) -> list[str]:
 
 
 class Model:
-    """A loaded model directory. ``predict(paths)`` returns one Prediction per file."""
+    """A loaded model directory. ``predict(paths)`` returns one Prediction per file.
 
-    def __init__(self, directory: str | os.PathLike, *, threads: int | None = None, _loaded=None):
+    Loading refuses a directory whose files differ from their SHA-256 record, whose cxrlab.json holds
+    an invalid value, or whose labels disagree with the ones stored in model.onnx at training time.
+    ``trust_modified=True`` loads a modified directory anyway (with a warning on stderr); every value
+    is still validated.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, threads: int | None = None, trust_modified: bool = False,
+                 _loaded: ModelFiles | None = None, _sources: tuple[str, str] | None = None):
         self.directory = Path(directory)
-        self.info, self.labels, onnx_bytes = _loaded or read_model_dir(self.directory)
+        files = _loaded or load_model_files(self.directory, trust_modified=trust_modified)
+        self.info, self.labels = files.info, files.labels
+        graph_name, labels_name = _sources or (str(self.directory / MODEL_FILE), str(self.directory / LABELS_FILE))
         try:
-            self.session = make_session(onnx_bytes, threads=threads)
+            self.session = make_session(files.onnx_bytes, threads=threads)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelDirError(f"{self.directory / MODEL_FILE}: ONNX Runtime cannot load it ({exc})") from None
+            raise ModelDirError(f"{graph_name}: ONNX Runtime cannot load it ({exc})") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
-        shape = self.session.get_outputs()[0].shape
-        if isinstance(shape[-1], int) and shape[-1] != len(self.labels):
-            raise ModelDirError(f"{self.directory}: labels.txt has {len(self.labels)} labels but model.onnx "
-                                f"outputs {shape[-1]} scores")
         self.input_size = int(self.info["backbone"]["input_size"])
+        _check_graph(self.session, self.labels, self.input_size, graph_name, labels_name)
         op = self.info.get("operating_point") or {}
         self.positive_label = self.info.get("positive_label")
-        self.threshold = op.get("threshold") if self.positive_label in self.labels else None
+        self.threshold = float(op["threshold"]) if op and self.positive_label in self.labels else None
         self.ood_gate = None
         if self.info.get("ood"):
             from .ood import OODGate
 
-            self.ood_gate = OODGate.load(self.directory, self.info["ood"])
+            if "embedding" not in self.output_names:
+                raise ModelDirError(f"{graph_name}: has no 'embedding' output for the out-of-distribution gate")
+            name = self.info["ood"]["arrays"]
+            self.ood_gate = OODGate.load(self.directory, self.info["ood"], data=files.arrays.get(name),
+                                         embed_dim=_static_dim(self.session, "embedding"))
 
     @classmethod
-    def from_graph(cls, graph: str | os.PathLike, labels_file: str | os.PathLike) -> "Model":
+    def from_graph(cls, graph: str | os.PathLike, labels_file: str | os.PathLike, *,
+                   trust_modified: bool = False, threads: int | None = None) -> "Model":
         """A bare ONNX file + labels file (the tutorial's --graph/--labels), without cxrlab.json.
 
         If ``graph`` was written by ``retrain``, its full model directory sits beside it
-        (``<stem>.cxrlab/``) and is used instead, so the threshold and the OOD gate apply.
+        (``<stem>.cxrlab/``) and is used instead, so the threshold and the OOD gate apply. Either way
+        the labels file must list the labels the model was trained with, in the same order.
         """
         graph, labels_file = Path(graph), Path(labels_file)
         try:
             data = graph.read_bytes()
-            labels = [line for line in labels_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = labels_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ModelDirError(f"{exc.filename}: cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ModelDirError(f"{labels_file}: not UTF-8 text (expected one label per line)") from None
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
         sibling = graph.with_name(graph.stem + ".cxrlab")
         if (sibling / MODEL_FILE).is_file() and (sibling / MODEL_FILE).read_bytes() == data:
-            return cls(sibling)
-        import onnx
-
+            model = cls(sibling, trust_modified=trust_modified, threads=threads)
+            _same_labels(labels, model.labels, labels_file, str(sibling))
+            return model
         try:
-            size = onnx.load_from_string(data).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
-        except Exception as exc:
-            raise ModelDirError(f"{graph}: not an ONNX model written by cxrlab ({exc})") from None
-        info = {"labels": labels, "backbone": {"input_size": int(size)}}
-        return cls(graph.parent, _loaded=(info, labels, data))
+            check_labels(labels)
+        except Invalid as e:
+            raise ModelDirError(f"{labels_file}: the labels {e.message}") from None
+        info = {"labels": labels, "backbone": {"input_size": _graph_input_size(data, graph)}}
+        return cls(graph.parent, threads=threads, _loaded=ModelFiles(info, labels, data),
+                   _sources=(str(graph), str(labels_file)))
 
     # -- low level: arrays in, raw outputs out
     def run(self, batch: np.ndarray, outputs=("probabilities",)) -> dict[str, np.ndarray]:
@@ -163,5 +182,62 @@ class Model:
         return self.predict_arrays([arr], [img], ood=ood, names=[name])[0]
 
 
-def load_model(directory: str | os.PathLike, **kwargs) -> Model:
-    return Model(directory, **kwargs)
+def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, **kwargs) -> Model:
+    """Load a model directory; ``trust_modified=True`` (CLI --trust-modified-model) skips the SHA-256 check."""
+    return Model(directory, trust_modified=trust_modified, **kwargs)
+
+
+def _static_dim(session, output: str) -> int | None:
+    """The last dimension of ``output`` when the graph fixes it, else None."""
+    for o in session.get_outputs():
+        if o.name == output:
+            return o.shape[-1] if o.shape and isinstance(o.shape[-1], int) else None
+    return None
+
+
+def _check_graph(session, labels: list[str], input_size: int, graph_name: str, labels_name: str) -> None:
+    """The graph takes ``image`` at ``input_size``, outputs one probability per label, and was trained
+    with these labels in this order when it says which (cxrlab writes them into its metadata)."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if "image" not in inputs or "probabilities" not in outputs:
+        raise ModelDirError(f"{graph_name}: not a cxrlab classifier (needs an 'image' input and a 'probabilities' "
+                            f"output; has inputs {sorted(inputs)}, outputs {sorted(outputs)})")
+    side = inputs["image"][-1] if inputs["image"] else None
+    if isinstance(side, int) and side != input_size:
+        raise ModelDirError(f"{graph_name}: takes {side}x{side} images but cxrlab.json says input_size {input_size}")
+    n = _static_dim(session, "probabilities")
+    if n is not None and n != len(labels):
+        raise ModelDirError(f"{Path(graph_name).parent}: {Path(labels_name).name} has {len(labels)} labels but "
+                            f"{Path(graph_name).name} outputs {n} scores")
+    stored = session.get_modelmeta().custom_metadata_map.get("labels")
+    if stored is not None:
+        try:
+            trained = json.loads(stored)
+            check_labels(trained)
+        except (ValueError, RecursionError, Invalid):
+            raise ModelDirError(f"{graph_name}: its 'labels' metadata is not a list of label names") from None
+        _same_labels(labels, trained, labels_name, graph_name)
+
+
+def _same_labels(given: list[str], trained: list[str], given_name, trained_name: str) -> None:
+    if [x.strip() for x in given] != [x.strip() for x in trained]:
+        effect = "every answer would be inverted" if len(given) == 2 else "answers would be mislabelled"
+        hint = f" (the same labels in another order: {effect})" if sorted(given) == sorted(trained) else ""
+        raise ModelDirError(f"{given_name}: lists labels {show(given)} but {trained_name} was trained with "
+                            f"{show(trained)}{hint}; use the labels file written with the model")
+
+
+def _graph_input_size(data: bytes, graph: Path) -> int:
+    import onnx
+
+    try:
+        dims = onnx.load_from_string(data).graph.input[0].type.tensor_type.shape.dim
+    except Exception as exc:  # protobuf raises several untyped errors on a file that is not ONNX
+        raise ModelDirError(f"{graph}: not an ONNX model written by cxrlab ({exc})") from None
+    size = dims[-1].dim_value if len(dims) else 0
+    lo, hi = INPUT_SIZE_RANGE
+    if not lo <= size <= hi:
+        raise ModelDirError(f"{graph}: the input image size is not fixed in the graph ({size}); "
+                            f"cxrlab needs a graph with a static 'image' input of {lo}..{hi} pixels")
+    return int(size)

@@ -158,11 +158,12 @@ class _BodyLimit:
 
 
 def create_app(model_dir_or_model, *, max_upload_bytes: int = 32 * 2**20, max_pixels: int = 50_000_000,
-               max_files: int = 32) -> FastAPI:
+               max_files: int = 32, trust_modified: bool = False) -> FastAPI:
     # Parallelism comes from up to ``slots`` (one per CPU) requests inferring at once, so each ONNX Runtime
     # run gets one thread: threads per run on top oversubscribe the cores (benchmarks/serve.py, 2 CPUs,
     # 8 concurrent: 47 -> 69 req/s, p50 163 -> 108 ms; unchanged one request at a time).
-    model = model_dir_or_model if isinstance(model_dir_or_model, Model) else Model(model_dir_or_model, threads=1)
+    model = (model_dir_or_model if isinstance(model_dir_or_model, Model)
+             else Model(model_dir_or_model, threads=1, trust_modified=trust_modified))
     heatmapper = _load_heatmapper()
     slots = max(1, os.cpu_count() or 1)
     semaphores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop

@@ -16,7 +16,7 @@ import numpy as np
 
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
-from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, softmax
+from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, parse_operating_point, softmax
 from .discover import discover
 from .embed import Embedder, SkippedFile
 from .errors import DataError
@@ -114,6 +114,7 @@ def train(image_dir: str | os.PathLike, **options) -> TrainResult:
     started = time.time()
     run_dir, model_dir = _output_dirs(o.output, [image_dir], o.summaries_dir, o.bottleneck_dir)
     check_calibration(o.calibration)
+    parse_operating_point(o.operating_point)  # a bad rule fails now, not after the embedding
     image_dir = Path(image_dir)
     dataset = discover(image_dir, label_from_name=o.label_from_name, label_map=o.label_map)
     previous = Manifest.read(o.split_file) if o.split_file else None
