@@ -334,7 +334,10 @@ def train(
     if report:
         from .report import write_run_report
 
-        write_run_report(result, image_dir, entries=kept, probs_by_relpath=_all_probs(kept, ok, probs), info=info)
+        written = write_run_report(result, image_dir, entries=kept, probs_by_relpath=_all_probs(kept, ok, probs),
+                                   info=info)
+        if "heatmaps" in written:
+            result.metrics["heatmaps"] = written["heatmaps"]
     return result
 
 
