@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import re
@@ -21,12 +22,14 @@ from cxrlab.metrics import delong_ci
 @pytest.fixture(scope="module")
 def two_dirs(tmp_path_factory):
     from conftest import make_dataset
+    from test_robustness import write_tiny_backbone
 
     base = tmp_path_factory.mktemp("cmp")
     root = make_dataset(base / "lungs", n_per_class=16)
     other = make_dataset(base / "other", n_per_class=6, size=80)
     model = base / "runs" / "a" / "model"
-    cxrlab.train(root, output=model, validation_percentage=25, testing_percentage=30, ood=False)
+    cxrlab.train(root, output=model, backbone=f"onnx:{write_tiny_backbone(base / 'tiny.onnx')}",
+                 validation_percentage=25, testing_percentage=30, ood=False)
     evaluate(model, other, output=base / "eval" / "other", ood=False)
     return model, base / "eval" / "other"
 
@@ -57,10 +60,25 @@ def test_compare_api_default_names_and_errors(two_dirs, tmp_path):
     model, ev = two_dirs
     r = compare([ev, ev])
     assert [x["name"] for x in r["runs"]] == ["other", "other #2"]
-    assert r["runs"][0]["auc_ci"][0] <= r["runs"][0]["auc"] <= r["runs"][0]["auc_ci"][1]
+    with open(ev / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    auc, lo, hi = delong_ci([r["true_label"] == "abnormal" for r in rows], [float(r["score_abnormal"]) for r in rows])
+    assert r["runs"][0]["auc"] == pytest.approx(auc) and r["runs"][0]["auc_ci"] == pytest.approx([lo, hi])
     assert compare([model])["runs"][0]["name"] == "a/model"
     with pytest.raises(DataError, match="predictions.csv is missing"):
         compare([tmp_path])
     with pytest.raises(DataError, match="--names"):
         compare([model, ev], names="only-one")
     assert delong_ci([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.3])[0] == 1.0
+
+
+def test_compare_html_escapes_and_shows_each_run(two_dirs, tmp_path):
+    model, ev = two_dirs
+    r = compare([model, ev], tmp_path / "out", names=["<b>mine</b>", "it's"])
+    text = (tmp_path / "out" / "compare.html").read_text()
+    assert "<b>mine</b>" not in text and "&lt;b&gt;mine&lt;/b&gt;" in text and "it&#39;s" in text
+    for run in r["runs"]:
+        assert f"{run['auc']:.3f} [{run['auc_ci'][0]:.3f}-{run['auc_ci'][1]:.3f}]" in text
+        assert f"{100 * run['sensitivity']:.1f}% [{100 * run['sensitivity_ci'][0]:.1f}-" in text
+    assert text.count("<tr>") == 3  # header and one row per run
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["runs"][0]["name"] == "<b>mine</b>"

@@ -539,8 +539,7 @@ def test_bad_operating_point_fails_before_any_embedding(tmp_path, monkeypatch, c
     def no_backbone(*a, **k):
         raise AssertionError("the backbone was built before the operating point was checked")
 
-    monkeypatch.setattr(cxrlab.training, "create_backbone", no_backbone)
-    monkeypatch.setattr(cxrlab.crossval, "create_backbone", no_backbone)
+    monkeypatch.setattr(cxrlab.training, "create_backbone", no_backbone)  # cv embeds through training's steps
     data = make_dataset(tmp_path / "lungs", 3, 32)
     rc, out, err = run_cli(main, ["train", str(data), "--operating-point", "sensitivity=1.5", "-q"], capsys)
     assert_one_line_error(rc, out, err, "sensitivity=1.5", "not a fraction")

@@ -152,3 +152,58 @@ def test_write_evaluation_reference_and_rejected(tmp_path):
     assert "no thumbnail for" in text and "Rejected images" in text
     _check_html(text)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["auc"] == pytest.approx(rep["auc"])
+
+
+def test_run_report_leaves_the_result_alone_and_returns_what_it_wrote(tmp_path):
+    import copy
+
+    labels = ["abnormal", "normal"]
+    entries = _entries(tmp_path, labels, n_per_class=8)
+    probs = {e.relpath: np.array([0.8, 0.2]) if e.label == "abnormal" else np.array([0.3, 0.7]) for e in entries}
+    result = SimpleNamespace(run_dir=tmp_path / "run", labels=labels, metrics={"test": {"auc": 1.0}}, skipped=[],
+                             notes=["<b>note</b>"])
+    info = {"positive_label": "abnormal", "operating_point": {"rule": "who", "threshold": 0.5},
+            "calibration": {"method": "temperature", "temperature": float("nan")}}
+    before = copy.deepcopy(vars(result))
+    written = write_run_report(result, tmp_path, entries=entries, probs_by_relpath=probs, info=info)
+    assert vars(result) == before
+    assert written["operating_point"] == info["operating_point"] and written["positive_label"] == "abnormal"
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["calibration"] == {"method": "temperature", "temperature": None}
+    assert on_disk["test"] == written["test"] == {"auc": 1.0}
+    text = (tmp_path / "run" / "report.html").read_text()
+    assert "&lt;b&gt;note&lt;/b&gt;" in text and "<b>note</b>" not in text  # autoescaped
+    assert "temperature n/a" in text
+
+
+def test_report_escapes_quotes_in_attributes(tmp_path):
+    from cxrlab.report import write_report_html
+
+    img = tmp_path / "it's'><script>.png"
+    Image.fromarray(np.full((60, 60), 90, np.uint8), "L").save(img)
+    rows = [{"path": str(img), "true_label": "a", "scores": [0.2, 0.8], "predicted_label": "b", "correct": False,
+             "split": "test"}, {"path": str(img), "true_label": "b", "scores": [0.1, 0.9], "predicted_label": "b",
+                                "correct": True, "split": "test"}]
+    write_report_html(tmp_path / "r.html", title="t", rows=rows, labels=["a", "b"])
+    text = (tmp_path / "r.html").read_text()
+    assert "<script>" not in text and "it&#39;s&#39;&gt;&lt;script&gt;.png" in text
+    assert len(IMG_RE.findall(text)) == 2  # the confusion matrix and one thumbnail, the alt text did not break out
+
+
+def test_json_safe():
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from cxrlab.jsonutil import json_bytes, json_safe
+
+    @dataclass
+    class Point:
+        x: float
+        where: Path
+
+    got = json_safe({1: np.float32(0.5), "nan": float("nan"), "arr": np.array([1, 2]), "flag": np.bool_(True),
+                     "p": Point(float("inf"), Path("/a/b")), "t": (np.int64(3), None)})
+    assert got == {"1": 0.5, "nan": None, "arr": [1, 2], "flag": True, "p": {"x": None, "where": "/a/b"},
+                   "t": [3, None]}
+    assert type(got["arr"][0]) is int and type(got["flag"]) is bool
+    assert json.loads(json_bytes({"a": [float("-inf"), np.float64(2.5)]})) == {"a": [None, 2.5]}

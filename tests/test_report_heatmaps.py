@@ -7,6 +7,7 @@ import io
 import json
 import re
 
+import markupsafe
 from PIL import Image
 
 import cxrlab
@@ -16,10 +17,13 @@ OVERLAY_RE = re.compile(r"<img class='overlay' src='data:image/(?:png|jpeg);base
 
 def test_train_report_shows_heatmaps(tmp_path):
     from conftest import make_dataset
+    from test_robustness import write_tiny_backbone
 
-    root = make_dataset(tmp_path / "lungs", n_per_class=16)
+    root = make_dataset(tmp_path / "lungs", n_per_class=16, size=900)  # larger than the 384 px overlays
     out = tmp_path / "model"
-    result = cxrlab.train(root, output=out, validation_percentage=25, testing_percentage=30, ood=False)
+    backbone = f"onnx:{write_tiny_backbone(tmp_path / 'tiny.onnx')}"
+    result = cxrlab.train(root, output=out, backbone=backbone, validation_percentage=25, testing_percentage=30,
+                          ood=False)
     text = (out / "report.html").read_text()
     assert "<h2>Where the model looked</h2>" in text
     pngs = OVERLAY_RE.findall(text)
@@ -45,4 +49,4 @@ def test_report_warns_when_heat_is_on_the_border(tmp_path):
     write_report_html(tmp_path / "r.html", title="t", rows=[], labels=["abnormal", "normal"], heatmaps=heat)
     text = (tmp_path / "r.html").read_text()
     assert "Border heat share: mean 80.0% (n=3)" in text
-    assert "class='warning'" in text and BORDER_WARNING.replace("'", "&#x27;") in text
+    assert "class='warning'" in text and str(markupsafe.escape(BORDER_WARNING)) in text

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
-import io
 import json
-import math
 import os
 from pathlib import Path
 
@@ -24,13 +21,6 @@ from .outputs import check_output_dir, claim
 
 __all__ = ["compare", "load_run", "format_table"]
 COMPARE_FILES = ("compare.html", "compare.json")
-
-_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Arial,sans-serif;margin:1.5em auto;
-max-width:1100px;padding:0 1em;color:#222;line-height:1.4}table{border-collapse:collapse;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:.3em .7em;text-align:left}th{background:#f3f3f3}
-td.num{text-align:right;font-variant-numeric:tabular-nums}img.plot{border:1px solid #ddd;max-width:100%}
-.muted{color:#666}"""
-
 
 def _stored_report(metrics: dict) -> tuple[dict | None, str]:
     """The report at the stored operating point: 'test' of a train run, top level or 'all' of an evaluation."""
@@ -162,30 +152,17 @@ def compare(dirs, output: str | os.PathLike | None = None, *, names=None) -> dic
     return result
 
 
-def _pct(v, ci=None) -> str:
-    if v is None or not math.isfinite(float(v)):
-        return "n/a"
-    s = f"{100 * v:.1f}%"
-    if ci and None not in ci[:2]:
-        s += f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]"
-    return s
-
-
-def _auc(r) -> str:
-    if r.get("auc") is None:
-        return "n/a"
-    ci = r.get("auc_ci")
-    return f"{r['auc']:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")
-
-
 COLUMNS = ("name", "n", "AUC [95% DeLong CI]", "sensitivity", "specificity", "accuracy", "threshold")
 
 
 def _cells(r, with_ci: bool) -> list[str]:
+    from .report import auc_text, pct
+
     ci = (lambda k: r.get(f"{k}_ci")) if with_ci else (lambda k: None)
     thr = r.get("threshold")
-    return [r["name"], str(r["n"]), _auc(r), _pct(r.get("sensitivity"), ci("sensitivity")),
-            _pct(r.get("specificity"), ci("specificity")), _pct(r.get("accuracy"), ci("accuracy")),
+    return [r["name"], str(r["n"]), auc_text(r.get("auc"), r.get("auc_ci")),
+            pct(r.get("sensitivity"), ci("sensitivity")),
+            pct(r.get("specificity"), ci("specificity")), pct(r.get("accuracy"), ci("accuracy")),
             "n/a" if thr is None else f"{thr:.4f}"]
 
 
@@ -199,55 +176,24 @@ def format_table(result: dict) -> list[str]:
 
 def roc_png(runs) -> bytes | None:
     """One ROC plot with every binary run (its operating point marked); None if none can be drawn."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .metrics import roc_curve
+    from .plots import roc_overlay_png
 
     drawable = [r for r in runs if r.get("auc") is not None and "y" in r and not r.get("multiclass")]
     if not drawable:
         return None
-    fig = Figure(figsize=(5.5, 5.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for k, r in enumerate(drawable):
-        color = f"C{k % 10}"
-        fpr, tpr, _ = roc_curve(r["y"], r["scores"])
-        ax.plot(fpr, tpr, color=color, label=f"{r['name']} (AUC {r['auc']:.3f}, n={r['n']})")
-        thr = r.get("threshold")
-        if thr is not None and math.isfinite(thr):
-            y, s = r["y"], r["scores"]
-            ax.plot([float(np.mean(s[y == 0] >= thr))], [float(np.mean(s[y == 1] >= thr))], "o", color=color)
-    ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (dots: operating points)",
-           xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return roc_overlay_png([(r["name"], r["auc"], r["n"], r["y"], r["scores"], r.get("threshold")) for r in drawable])
 
 
 def _write(out: Path, runs, result) -> None:
     from .fsutil import atomic_write_bytes
-    from .report import _json_safe
+    from .jsonutil import json_bytes
+    from .report import render_html
 
-    e = html.escape
     png = roc_png(runs)
-    parts = ["<h1>cxrlab comparison</h1>", "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in COLUMNS)
-             + "<th>source</th></tr>"]
-    for r in result["runs"]:
-        cells = _cells(r, True)
-        parts.append("<tr>" + f"<td>{e(cells[0])}</td>" + "".join(f"<td class='num'>{e(c)}</td>" for c in cells[1:])
-                     + f"<td>{e(r['kind'])}: {e(r['dir'])}</td></tr>")
-    parts.append("</table><p class='muted'>AUC recomputed from predictions.csv with DeLong's 95% CI; "
-                 "sensitivity, specificity and accuracy [95% Wilson CI] at each model's stored operating point.</p>")
-    if png is not None:
-        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        parts.append(f"<img class='plot' src='{uri}' alt='ROC curves of the compared runs'>")
-    if result["notes"]:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in result["notes"]) + "</ul>")
-    doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>cxrlab comparison</title>"
-           f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
-    atomic_write_bytes(out / "compare.html", doc.encode("utf-8"))
-    atomic_write_bytes(out / "compare.json", json.dumps(_json_safe(result), indent=2).encode("utf-8"))
+    roc_uri = None if png is None else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    html = render_html("compare.html.j2", title="cxrlab comparison", header=[*COLUMNS, "source"],
+                       rows=[[*_cells(r, True), f"{r['kind']}: {r['dir']}"] for r in result["runs"]],
+                       numeric=[False] + [True] * (len(COLUMNS) - 1) + [False],
+                       roc_uri=roc_uri, notes=result["notes"])
+    atomic_write_bytes(out / "compare.html", html)
+    atomic_write_bytes(out / "compare.json", json_bytes(result))

@@ -31,7 +31,8 @@ class Heatmap:
     full: np.ndarray  # cam upsampled to the decoded image size (H, W)
 
 
-def _normalise(m: np.ndarray) -> np.ndarray:
+def normalise(m: np.ndarray) -> np.ndarray:
+    """Min-max scaled to [0, 1]; a constant map becomes zeros."""
     m = np.asarray(m, dtype=np.float32)
     lo, hi = float(m.min()), float(m.max())
     if not np.isfinite(hi - lo) or hi - lo <= 0:
@@ -41,10 +42,15 @@ def _normalise(m: np.ndarray) -> np.ndarray:
 
 def class_activation_map(model, array: np.ndarray, class_index: int) -> np.ndarray:
     """The normalised (h, w) map of one class for one (S, S) input (constant map -> zeros)."""
-    maps = model.run(np.asarray(array, np.float32)[None], ["class_maps"])
+    return class_activation_maps(model, [array], [class_index])[0]
+
+
+def class_activation_maps(model, arrays, class_indices) -> list[np.ndarray]:
+    """One batched pass: the normalised (h, w) map of ``class_indices[i]`` for each (S, S) input ``arrays[i]``."""
+    maps = model.run(np.stack([np.asarray(a, np.float32) for a in arrays]), ["class_maps"])
     if "class_maps" not in maps:
         raise ModelDirError(f"{model.directory}: model.onnx has no 'class_maps' output (retrain with this cxrlab)")
-    return _normalise(maps["class_maps"][0, class_index])
+    return [normalise(maps["class_maps"][i, c]) for i, c in enumerate(class_indices)]
 
 
 def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

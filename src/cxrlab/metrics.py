@@ -1,42 +1,46 @@
 """(y_true, scores) -> metrics with confidence intervals.
 
-Pure numpy/scipy. Binary labels are 0/1 with 1 the positive class; scores are
-P(positive) or any monotone score. Reports are JSON-safe: plain floats, lists,
-and ``None`` for undefined ratios.
+Curves, AUC, average precision, Brier score and reliability bins come from scikit-learn; the
+Wilson interval and the bootstrap from scipy. DeLong's AUC variance has no mainstream
+implementation and is computed here. Binary labels are 0/1 with 1 the positive class; scores are
+P(positive) or any monotone score. Reports are JSON-safe: plain floats, lists, and ``None`` for
+undefined ratios.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
-from statistics import NormalDist
+from scipy import stats
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
 from .errors import DataError
 
 __all__ = [
-    "wilson_ci", "roc_curve", "roc_auc", "delong_ci", "pr_curve",
+    "WHO_MIN_SENSITIVITY", "WHO_MIN_SPECIFICITY",
+    "check_binary", "wilson_ci", "roc_curve", "roc_auc", "delong_ci", "pr_curve", "roc_band",
     "average_precision", "brier_score", "expected_calibration_error",
     "reliability_bins", "binary_report", "multiclass_report", "who_verdict",
     "bootstrap_ci",
 ]
 
+# WHO target product profile for a TB triage test (2014): minimum sensitivity and specificity.
+WHO_MIN_SENSITIVITY = 0.90
+WHO_MIN_SPECIFICITY = 0.70
+
 
 # ----------------------------------------------------------------- helpers
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (scipy.stats.rankdata 'average')."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    return ranks
-
-
 def _z(alpha: float) -> float:
+    _check_alpha(alpha)
+    return float(stats.norm.ppf(1.0 - alpha / 2.0))
+
+
+def _check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:
         raise DataError(f"alpha must be in (0, 1), got {alpha!r}")
-    return float(NormalDist().inv_cdf(1.0 - alpha / 2.0))
 
 
 def check_binary(y, scores, *, need_both: bool = True, name: str = "scores", what: str = "this metric"):
@@ -67,15 +71,19 @@ def check_binary(y, scores, *, need_both: bool = True, name: str = "scores", wha
     return y, s
 
 
+def _check_probabilities(y, p):
+    y, p = check_binary(y, p, need_both=False, name="p")
+    if np.any((p < 0) | (p > 1)):
+        raise DataError("probabilities must lie in [0, 1]")
+    return y, p
+
+
 def _ratio(num: float, den: float) -> float | None:
     return None if den == 0 else float(num) / float(den)
 
 
 def _ci_list(k: int, n: int, alpha: float) -> list[float] | None:
-    if n == 0:
-        return None
-    lo, hi = wilson_ci(k, n, alpha)
-    return [lo, hi]
+    return None if n == 0 else list(wilson_ci(k, n, alpha))
 
 
 # --------------------------------------------------------------- intervals
@@ -83,114 +91,126 @@ def wilson_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     """Wilson score interval for k successes in n trials; (nan, nan) if n == 0."""
     if n < 0 or k < 0 or k > n:
         raise DataError(f"need 0 <= k <= n, got k={k}, n={n}")
+    _check_alpha(alpha)
     if n == 0:
         return (float("nan"), float("nan"))
-    z = _z(alpha)
-    p = k / n
-    den = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (float(lo), float(hi))
-
-
-# --------------------------------------------------------------- ROC / PR
-def _clf_curve(y, s):
-    """Cumulative fps, tps at each distinct score (descending) and the scores."""
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), y.size - 1]
-    tps = np.cumsum(y_sorted)[last]
-    fps = (last + 1) - tps
-    return fps.astype(float), tps.astype(float), s_sorted[last]
-
-
-def roc_curve(y, scores):
-    """(fpr, tpr, thresholds); thresholds descending, the first +inf (sklearn-style)."""
-    y, s = check_binary(y, scores)
-    fps, tps, thr = _clf_curve(y, s)
-    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
-    return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thr]
-
-
-def roc_auc(y, scores) -> float:
-    """Mann-Whitney AUC, ties counted 1/2; DataError if only one class."""
-    y, s = check_binary(y, scores)
-    ranks = _midranks(s)  # average ranks handle ties as 1/2
-    n1 = int(y.sum())
-    n0 = y.size - n1
-    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
-
-
-def _midrank(x: np.ndarray) -> np.ndarray:
-    """Midranks (1-based, ties averaged) as in Sun & Xu (2014)."""
-    return _midranks(x)
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=1.0 - alpha, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def delong_ci(y, scores, alpha: float = 0.05) -> tuple[float, float, float]:
-    """(auc, lo, hi) with DeLong's variance (fast midrank algorithm), clipped to [0, 1]."""
+    """(auc, lo, hi) with DeLong's variance (Sun & Xu's fast midrank algorithm), clipped to [0, 1]."""
     y, s = check_binary(y, scores)
     z = _z(alpha)
     pos, neg = s[y == 1], s[y == 0]
     m, n = pos.size, neg.size
-    tx, ty, tz = _midrank(pos), _midrank(neg), _midrank(np.r_[pos, neg])
+    tx, ty, tz = stats.rankdata(pos), stats.rankdata(neg), stats.rankdata(np.r_[pos, neg])
     auc = (tz[:m].sum() - m * (m + 1) / 2.0) / (m * n)
     v01 = (tz[:m] - tx) / n          # structural components of positives
     v10 = 1.0 - (tz[m:] - ty) / m    # structural components of negatives
     sx = np.var(v01, ddof=1) if m > 1 else 0.0
     sy = np.var(v10, ddof=1) if n > 1 else 0.0
     se = float(np.sqrt(max(sx / m + sy / n, 0.0)))
-    lo, hi = max(0.0, auc - z * se), min(1.0, auc + z * se)
-    return float(auc), float(lo), float(hi)
+    return float(auc), float(max(0.0, auc - z * se)), float(min(1.0, auc + z * se))
+
+
+def bootstrap_ci(fn: Callable, y, scores, *, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile CI of fn(y, scores) under a stratified bootstrap (classes resampled separately).
+
+    Resamples where ``fn`` is undefined (None or NaN) are left out; (nan, nan) if all are."""
+    y, s = check_binary(y, scores)
+    _check_alpha(alpha)
+
+    def value(yb, sb) -> float:
+        v = fn(yb, sb)
+        return np.nan if v is None else float(v)
+
+    dist = _stratified_bootstrap(value, y, s, n_boot, seed)
+    dist = dist[np.isfinite(dist)]
+    if dist.size == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.quantile(dist, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return (float(lo), float(hi))
+
+
+def _stratified_bootstrap(statistic, y, s, n_boot: int, seed: int) -> np.ndarray:
+    """statistic(y, s) over ``n_boot`` resamples that keep the class counts (scipy resamples each
+    sample separately); the bootstrap distribution, one row per resample."""
+    if n_boot < 1:
+        raise DataError(f"n_boot must be >= 1, got {n_boot}")
+    pos, neg = s[y == 1], s[y == 0]
+    if min(pos.size, neg.size) < 2:
+        raise DataError(f"a bootstrap needs at least 2 positives and 2 negatives, got {pos.size} and {neg.size}")
+    y_b = np.r_[np.ones(pos.size, int), np.zeros(neg.size, int)]
+    with warnings.catch_warnings():  # the callers take the percentiles, leaving undefined resamples out
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((pos, neg), lambda p, n: statistic(y_b, np.r_[p, n]), n_resamples=n_boot,
+                              vectorized=False, method="percentile", rng=np.random.default_rng(seed))
+    return np.asarray(res.bootstrap_distribution, dtype=float).T
+
+
+# --------------------------------------------------------------- ROC / PR
+def roc_curve(y, scores):
+    """(fpr, tpr, thresholds) at every distinct score; thresholds descending, the first +inf."""
+    y, s = check_binary(y, scores)
+    return skm.roc_curve(y, s, drop_intermediate=False)
+
+
+def roc_auc(y, scores) -> float:
+    """Mann-Whitney AUC, ties counted 1/2; DataError if only one class."""
+    y, s = check_binary(y, scores)
+    return float(skm.roc_auc_score(y, s))
+
+
+def roc_band(y, scores, *, n_boot: int = 200, seed: int = 0, alpha: float = 0.05, points: int = 101):
+    """Stratified bootstrap band of the ROC, vertically averaged on a fixed FPR grid: (grid, lo, hi)."""
+    y, s = check_binary(y, scores)
+    _check_alpha(alpha)
+    grid = np.linspace(0.0, 1.0, points)
+
+    def tpr_on_grid(yb, sb):
+        fpr, tpr, _ = skm.roc_curve(yb, sb, drop_intermediate=False)
+        return np.interp(grid, fpr, tpr)
+
+    tprs = _stratified_bootstrap(tpr_on_grid, y, s, n_boot, seed)
+    lo, hi = np.quantile(tprs, [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
+    return grid, lo, hi
 
 
 def pr_curve(y, scores):
-    """(precision, recall, thresholds) like sklearn's precision_recall_curve."""
+    """(precision, recall, thresholds) at every distinct score, as sklearn's precision_recall_curve."""
     y, s = check_binary(y, scores)
-    fps, tps, thr = _clf_curve(y, s)
-    ps = tps + fps
-    precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
-    recall = tps / tps[-1]
-    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thr[::-1]
+    return skm.precision_recall_curve(y, s, drop_intermediate=False)
 
 
 def average_precision(y, scores) -> float:
     """Step-wise average precision: sum over thresholds of (R_k - R_{k-1}) P_k."""
-    precision, recall, _ = pr_curve(y, scores)
-    return float(-np.sum(np.diff(recall) * precision[:-1]))
+    y, s = check_binary(y, scores)
+    return float(skm.average_precision_score(y, s))
 
 
 # ------------------------------------------------------------ calibration
 def brier_score(y, p) -> float:
     """Mean squared difference between P(positive) and the 0/1 outcome."""
-    y, p = check_binary(y, p, need_both=False, name="p")
-    return float(np.mean((p - y) ** 2))
-
-
-def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
-    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise DataError(f"n_bins must be a positive integer, got {n_bins!r}")
-    if np.any((p < 0) | (p > 1)):
-        raise DataError("probabilities must lie in [0, 1]")
-    return np.minimum((p * n_bins).astype(int), n_bins - 1)
+    y, p = _check_probabilities(y, p)
+    return float(skm.brier_score_loss(y, p, pos_label=1))
 
 
 def reliability_bins(y, p, n_bins: int = 10) -> dict:
-    """Equal-width bins on p: edges, mean predicted, fraction positive, count (NaN if empty)."""
-    y, p = check_binary(y, p, need_both=False, name="p")
-    idx = _bin_index(p, n_bins)
-    count = np.bincount(idx, minlength=n_bins)
-    sum_p = np.bincount(idx, weights=p, minlength=n_bins)
-    sum_y = np.bincount(idx, weights=y.astype(float), minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p = np.where(count > 0, sum_p / np.maximum(count, 1), np.nan)
-        frac = np.where(count > 0, sum_y / np.maximum(count, 1), np.nan)
+    """Equal-width bins (a, b] on p (the first also holds 0), as sklearn's calibration_curve:
+    edges, mean predicted, fraction positive (NaN where empty) and count."""
+    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise DataError(f"n_bins must be a positive integer, got {n_bins!r}")
+    y, p = _check_probabilities(y, p)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return {
-        "bin_lower": edges[:-1], "bin_upper": edges[1:], "mean_predicted": mean_p,
-        "fraction_positive": frac, "count": count,
-    }
+    frac_nonempty, mean_nonempty = calibration_curve(y, p, n_bins=n_bins, strategy="uniform", pos_label=1)
+    # calibration_curve drops empty bins and returns no counts: count with its own bin rule.
+    count = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    mean_p, frac = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    mean_p[count > 0], frac[count > 0] = mean_nonempty, frac_nonempty
+    return {"bin_lower": edges[:-1], "bin_upper": edges[1:], "mean_predicted": mean_p,
+            "fraction_positive": frac, "count": count}
 
 
 def expected_calibration_error(y, p, n_bins: int = 10) -> float:
@@ -207,11 +227,7 @@ def binary_report(y_true, scores, threshold: float, *, alpha: float = 0.05) -> d
     y, s = check_binary(y_true, scores)
     if not np.isfinite(threshold):
         raise DataError(f"threshold must be finite, got {threshold!r}")
-    pred = s >= threshold
-    tp = int(np.sum(pred & (y == 1)))
-    fp = int(np.sum(pred & (y == 0)))
-    tn = int(np.sum(~pred & (y == 0)))
-    fn = int(np.sum(~pred & (y == 1)))
+    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, (s >= threshold).astype(int), labels=[0, 1]).ravel())
     n, n_pos, n_neg = int(y.size), tp + fn, tn + fp
     auc, lo, hi = delong_ci(y, s, alpha)
     in_unit = bool(np.all((s >= 0) & (s <= 1)))
@@ -230,10 +246,7 @@ def binary_report(y_true, scores, threshold: float, *, alpha: float = 0.05) -> d
     }
 
 
-def multiclass_report(y_true_idx, probs, labels: list[str], *, alpha: float = 0.05) -> dict:
-    """Argmax predictions; accuracy, confusion matrix, one-vs-rest per-class metrics, macros."""
-    y = np.asarray(y_true_idx)
-    P = np.asarray(probs, dtype=float)
+def _check_multiclass(y, P, labels) -> np.ndarray:
     k = len(labels)
     if k < 2:
         raise DataError(f"need at least two labels, got {list(labels)!r}")
@@ -243,20 +256,22 @@ def multiclass_report(y_true_idx, probs, labels: list[str], *, alpha: float = 0.
         raise DataError(f"y_true_idx must be 1-D with {P.shape[0]} entries, got shape {y.shape}")
     if not np.all(np.isfinite(P)):
         raise DataError("probs contain NaN or infinite values")
-    if not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)) \
-            or y.min() < 0 or y.max() >= k:
+    if not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)) or y.min() < 0 or y.max() >= k:
         raise DataError(f"y_true_idx must be integers in [0, {k - 1}]")
     y = y.astype(int)
     present = np.unique(y)
     if present.size < 2:
-        raise DataError(
-            f"only one class present ({labels[int(present[0])]!r}); "
-            "the report needs at least two classes in y_true"
-        )
-    n = int(y.size)
-    pred = np.argmax(P, axis=1)
-    cm = np.zeros((k, k), dtype=int)
-    np.add.at(cm, (y, pred), 1)
+        raise DataError(f"only one class present ({labels[int(present[0])]!r}); "
+                        "the report needs at least two classes in y_true")
+    return y
+
+
+def multiclass_report(y_true_idx, probs, labels: list[str], *, alpha: float = 0.05) -> dict:
+    """Argmax predictions; accuracy, confusion matrix, one-vs-rest per-class metrics, macros."""
+    P = np.asarray(probs, dtype=float)
+    y = _check_multiclass(np.asarray(y_true_idx), P, labels)
+    n, k = int(y.size), len(labels)
+    cm = skm.confusion_matrix(y, np.argmax(P, axis=1), labels=list(range(k)))
     correct = int(np.trace(cm))
     per_class: dict[str, dict] = {}
     for c, name in enumerate(labels):
@@ -265,13 +280,9 @@ def multiclass_report(y_true_idx, probs, labels: list[str], *, alpha: float = 0.
         fn = int(cm[c].sum()) - tp
         fp = int(cm[:, c].sum()) - tp
         tn = n - tp - fn - fp
-        if 0 < yt.sum() < n:
-            auc, lo, hi = delong_ci(yt, P[:, c], alpha)
-            auc_ci = [lo, hi]
-        else:
-            auc, auc_ci = None, None
+        auc, lo, hi = delong_ci(yt, P[:, c], alpha) if 0 < yt.sum() < n else (None, None, None)
         per_class[name] = {
-            "auc": auc, "auc_ci": auc_ci,
+            "auc": auc, "auc_ci": None if auc is None else [lo, hi],
             "sensitivity": _ratio(tp, tp + fn), "sensitivity_ci": _ci_list(tp, tp + fn, alpha),
             "specificity": _ratio(tn, tn + fp), "specificity_ci": _ci_list(tn, tn + fp, alpha),
             "ppv": _ratio(tp, tp + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
@@ -298,7 +309,8 @@ def _fmt_min(x: float) -> str:
     return f"{100.0 * x:.10g}%"
 
 
-def who_verdict(report: dict, *, min_sensitivity: float = 0.90, min_specificity: float = 0.70) -> str:
+def who_verdict(report: dict, *, min_sensitivity: float = WHO_MIN_SENSITIVITY,
+                min_specificity: float = WHO_MIN_SPECIFICITY) -> str:
     """One line comparing a binary report's sensitivity/specificity with the WHO TPP minimums."""
     head = (f"WHO TPP (sens >= {_fmt_min(min_sensitivity)}, "
             f"spec >= {_fmt_min(min_specificity)}): ")
@@ -322,27 +334,6 @@ def who_verdict(report: dict, *, min_sensitivity: float = 0.90, min_specificity:
         level = 100.0 * (1.0 - float(report.get("alpha", 0.05)))
         line += f" (also at the lower {level:.10g}% bound)"
     return line
-
-
-def bootstrap_ci(fn: Callable, y, scores, *, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile CI of fn(y, scores) under a stratified bootstrap (classes resampled separately)."""
-    y, s = check_binary(y, scores)
-    _z(alpha)
-    if n_boot < 1:
-        raise DataError(f"n_boot must be >= 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    stats = np.empty(n_boot, dtype=float)
-    for b in range(n_boot):
-        idx = np.r_[rng.choice(pos, pos.size, replace=True), rng.choice(neg, neg.size, replace=True)]
-        v = fn(y[idx], s[idx])
-        stats[b] = np.nan if v is None else float(v)
-    stats = stats[np.isfinite(stats)]
-    if stats.size == 0:
-        return (float("nan"), float("nan"))
-    lo, hi = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return (float(lo), float(hi))
 
 
 def test_report(y_idx, probs, labels: list[str], positive: int | None, threshold: float | None,

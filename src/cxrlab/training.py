@@ -163,7 +163,10 @@ def train(image_dir: str | os.PathLike, **options) -> TrainResult:
         from .report import write_run_report
 
         kept = [e for e in manifest.entries if e.relpath in fit.vectors]
-        write_run_report(result, image_dir, entries=kept, probs_by_relpath=_all_probs(kept, fit, cal), info=info)
+        written = write_run_report(result, image_dir, entries=kept, probs_by_relpath=_all_probs(kept, fit, cal),
+                                   info=info)
+        if "heatmaps" in written:
+            result.metrics["heatmaps"] = written["heatmaps"]
     return result
 
 
