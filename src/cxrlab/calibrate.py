@@ -14,7 +14,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit, log_expit, logsumexp
 
 from .errors import DataError, NotFittedError
-from .metrics import check_binary
+from .metrics import WHO_MIN_SENSITIVITY, check_binary
 
 __all__ = [
     "OperatingPoint", "OperatingPointSpec", "parse_operating_point", "parse_rule", "choose_operating_point",
@@ -22,7 +22,6 @@ __all__ = [
     "CALIBRATIONS", "check_calibration", "Calibrated", "calibrate_and_threshold",
 ]
 
-WHO_MIN_SENSITIVITY = 0.90
 _VALID_RULES = ("'who'", "'youden'", "'argmax'", "'sensitivity=0.9' (a fraction in (0, 1]) or 'sensitivity=90%'",
                 "'specificity=0.7' or 'specificity=70%'")
 _EPS = 1e-12

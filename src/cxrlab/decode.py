@@ -120,7 +120,7 @@ def decode_image(
     except MemoryError:
         raise ImageError(label, "out of memory while decoding; the image is too large") from None
     except Exception as e:  # any decoder failure on hostile bytes must surface as ImageError
-        raise ImageError(label, f"could not decode ({type(e).__name__}: {_msg(e)})") from e
+        raise ImageError(label, f"could not decode ({type(e).__name__}: {error_text(e)})") from e
 
 
 def read_image_bytes(path: str | os.PathLike) -> bytes:
@@ -192,9 +192,9 @@ def _open_pillow(data: bytes, label: str):
         try:
             return factory(io.BytesIO(data), label)
         except Image.DecompressionBombError as e:  # e.g. a GIF frame larger than the canvas
-            raise ImageError(label, f"image too large to decode ({_msg(e)}); resize it first") from None
+            raise ImageError(label, f"image too large to decode ({error_text(e)}); resize it first") from None
         except Exception as e:
-            raise ImageError(label, f"corrupt or unsupported {fmt} header: {_msg(e)}") from None
+            raise ImageError(label, f"corrupt or unsupported {fmt} header: {error_text(e)}") from None
     raise ImageError(label, f"not an image (file starts with {_head(data)}); {_SUPPORTED}")
 
 
@@ -231,9 +231,9 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int, min_size: int | Non
         except ImageError:
             raise
         except (Image.DecompressionBombError, MemoryError) as e:
-            raise ImageError(label, f"image too large to decode ({_msg(e)}); resize it first") from None
+            raise ImageError(label, f"image too large to decode ({error_text(e)}); resize it first") from None
         except Exception as e:
-            raise ImageError(label, f"truncated or corrupt {fmt}: {_msg(e)}") from None
+            raise ImageError(label, f"truncated or corrupt {fmt}: {error_text(e)}") from None
         if img.size != loaded:  # EXIF orientation 5-8 swapped the axes
             w, h = h, w
         if grey is not None:
@@ -434,7 +434,7 @@ def _finish(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0, out=arr)
 
 
-def _msg(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 

@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from .decode import DecodedImage, _msg, check_size, colour_image, gray_image, levels, minmax, white_for
+from .decode import DecodedImage, error_text, check_size, colour_image, gray_image, levels, minmax, white_for
 from .errors import ImageError
 
 _LJPEG_PKGS = "pylibjpeg pylibjpeg-libjpeg"
@@ -41,7 +41,7 @@ def decode_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> De
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=force)
         except Exception as e:
-            raise ImageError(label, f"corrupt DICOM: {_msg(e)}") from None
+            raise ImageError(label, f"corrupt DICOM: {error_text(e)}") from None
         try:  # pydicom parses elements lazily, so corrupt ones fail on access
             if not any(k in ds for k in _PIXEL_KEYS):
                 raise ImageError(label, "DICOM has no pixel data (e.g. a report or structured document)")
@@ -51,7 +51,7 @@ def decode_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> De
         except (ImageError, MemoryError):
             raise
         except Exception as e:
-            raise ImageError(label, f"corrupt DICOM: {_msg(e)}") from None
+            raise ImageError(label, f"corrupt DICOM: {error_text(e)}") from None
 
 
 def _first_frame(ds, label: str) -> np.ndarray:
@@ -71,8 +71,8 @@ def _first_frame(ds, label: str) -> np.ndarray:
                 raise ImageError(label, f"DICOM transfer syntax {ts_name} needs a decoder: "
                                         f"pip install {pkgs}") from None
             raise ImageError(label, f"DICOM transfer syntax {ts_name}: could not decode pixel data "
-                                    f"({_msg(e)}); another decoder may help: pip install {pkgs}") from None
-        raise ImageError(label, f"corrupt DICOM pixel data (transfer syntax {ts_name}): {_msg(e)}") from None
+                                    f"({error_text(e)}); another decoder may help: pip install {pkgs}") from None
+        raise ImageError(label, f"corrupt DICOM pixel data (transfer syntax {ts_name}): {error_text(e)}") from None
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1 and arr.ndim == (4 if spp > 1 else 3):
         arr = arr[0]

@@ -23,7 +23,7 @@ __all__ = [
     "WHO_MIN_SENSITIVITY", "WHO_MIN_SPECIFICITY",
     "check_binary", "wilson_ci", "roc_curve", "roc_auc", "delong_ci", "pr_curve", "roc_band",
     "average_precision", "brier_score", "expected_calibration_error",
-    "reliability_bins", "binary_report", "multiclass_report", "who_verdict",
+    "reliability_bins", "binary_report", "multiclass_report", "meets_who", "who_verdict", "test_report",
     "bootstrap_ci",
 ]
 
@@ -307,6 +307,11 @@ def _pct(x: float) -> str:
 
 def _fmt_min(x: float) -> str:
     return f"{100.0 * x:.10g}%"
+
+
+def meets_who(sensitivity: float | None, specificity: float | None) -> bool:
+    """Whether a point reaches the WHO target product profile's minimums (missing figures do not)."""
+    return bool((sensitivity or 0) >= WHO_MIN_SENSITIVITY and (specificity or 0) >= WHO_MIN_SPECIFICITY)
 
 
 def who_verdict(report: dict, *, min_sensitivity: float = WHO_MIN_SENSITIVITY,

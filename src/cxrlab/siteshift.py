@@ -99,7 +99,7 @@ def shifted_inputs(pixels: list[np.ndarray], size: int, shift: str) -> np.ndarra
 def shift_rows(y: np.ndarray, pixels: list[np.ndarray], size: int, score: Callable[[np.ndarray], np.ndarray],
                threshold: float, shifts=None) -> list[dict]:
     """AUC and sensitivity/specificity at ``threshold`` for each shift; ``score`` maps inputs to P(positive)."""
-    from .metrics import binary_report
+    from .metrics import binary_report, meets_who
 
     y = np.asarray(y, np.int64)
     rows = []
@@ -108,7 +108,7 @@ def shift_rows(y: np.ndarray, pixels: list[np.ndarray], size: int, score: Callab
         rep = binary_report(y, s, threshold)
         rows.append({"shift": name, "n": int(len(y)), "auc": rep["auc"], "sensitivity": rep["sensitivity"],
                      "specificity": rep["specificity"], "accuracy": rep["accuracy"],
-                     "meets_who": bool((rep["sensitivity"] or 0) >= 0.90 and (rep["specificity"] or 0) >= 0.70)})
+                     "meets_who": meets_who(rep["sensitivity"], rep["specificity"])})
     return rows
 
 
