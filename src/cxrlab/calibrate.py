@@ -17,7 +17,7 @@ from .errors import DataError, NotFittedError
 from .metrics import check_binary
 
 __all__ = [
-    "OperatingPoint", "parse_rule", "choose_operating_point",
+    "OperatingPoint", "parse_rule", "parse_operating_point", "choose_operating_point",
     "TemperatureScaler", "PlattScaler", "softmax", "WHO_MIN_SENSITIVITY",
 ]
 
@@ -69,6 +69,20 @@ def parse_rule(rule: str) -> tuple[str, float | None]:
         value /= 100.0
     if not 0.0 < value <= 1.0:
         raise DataError(f"rule {rule!r}: the target must be in (0, 1] (or (0, 100]%)")
+    return kind, value
+
+
+def parse_operating_point(spec: str) -> tuple[str, float | None]:
+    """:func:`parse_rule`, stricter, for checking a user's option before any work.
+
+    A bare number above 1 is read as a percentage only from 10 up (``sensitivity=90``): ``sensitivity=1.5``
+    is far more likely a mistyped fraction than a 1.5% target, so it is refused rather than guessed.
+    """
+    kind, value = parse_rule(spec)
+    m = re.search(r"[=:]([0-9]*\.?[0-9]+)$", spec.strip().replace(" ", "")) if value is not None else None
+    if m and 1.0 < float(m.group(1)) < 10.0:
+        raise DataError(f"operating point {spec!r}: the target must be a fraction in (0, 1] (e.g. {kind}=0.9) "
+                        f"or a percentage (e.g. {kind}=90 or {kind}=90%)")
     return kind, value
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import validate
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
 from .calibrate import TemperatureScaler, choose_operating_point, softmax
@@ -34,17 +35,24 @@ def assign_folds(groups: list[str], labels: list[str], k: int, seed: int = 0) ->
     return np.array([fold_of[g] for g in groups])
 
 
+def _groups_by_label(samples, group_regex) -> dict[str, set]:
+    groups: dict[str, set] = {}
+    for s in samples:
+        groups.setdefault(s.label, set()).add(group_key(s.relpath, group_regex))
+    return groups
+
+
 def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: str = "efficientnet-lite0",
                    label_from_name: str | None = None, group_regex: str | None = None, positive_label: str = "abnormal",
                    operating_point: str = "who", bottleneck_dir=None, seed: int = 0,
                    progress: Progress | None = None, precision: str = "fp32") -> dict:
     """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the linear head."""
-    if folds < 2:
-        raise DataError("--folds must be at least 2")
+    validate.cv_arguments(**locals())  # before any image is read
     root = Path(image_dir)
     ds = discover(root, label_from_name=label_from_name)
     if len(ds.labels) != 2 or positive_label not in ds.labels:
         raise DataError(f"cv needs two classes including '{positive_label}' (found {', '.join(ds.labels)}); set --positive-label")
+    validate.check_folds(folds, _groups_by_label(ds.samples, group_regex))
     bb = create_backbone(backbone)
     if precision != "fp32":
         from .precision import with_precision
@@ -54,6 +62,7 @@ def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: st
     emb = Embedder(bb).embed_files([root / s.relpath for s in ds.samples], store=store, progress=progress)
     kept = {Path(p).relative_to(root).as_posix() for p in emb.paths}
     samples = [s for s in ds.samples if s.relpath in kept]
+    validate.check_folds(folds, _groups_by_label(samples, group_regex))  # unreadable images may leave too few
     X = emb.vectors
     y = np.array([s.label == positive_label for s in samples], dtype=np.int64)
     groups = [group_key(s.relpath, group_regex) for s in samples]

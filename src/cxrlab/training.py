@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, validate
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
 from .calibrate import OperatingPoint, PlattScaler, TemperatureScaler, choose_operating_point, softmax
@@ -106,9 +106,8 @@ def train(
     batch_size: int = 32,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory."""
+    validate.train_arguments(**locals())  # every option and output path, before any image is read
     started = time.time()
-    if calibration not in ("auto", "temperature", "platt", "none"):
-        raise DataError(f"unknown calibration {calibration!r}; use auto, temperature, platt or none")
     image_dir = Path(image_dir)
     dataset = discover(image_dir, label_from_name=label_from_name, label_map=label_map)
     notes = list(dataset.warnings)
