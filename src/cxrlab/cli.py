@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
+from . import validate as v
 from .errors import CxrlabError
 
 EPILOG = {
@@ -16,13 +20,25 @@ EPILOG = {
     "predict": "example: cxrlab predict --model models/tb CHNCXR_0327_1.jpg",
     "evaluate": "example: cxrlab evaluate --model models/tb other_hospital/ --output eval/",
     "cv": "example: cxrlab cv lungs/ --folds 5",
-    "ood-check": "example: cxrlab ood-check --model models/tb cow.jpg lungs/normal/",
+    "ood-check": "example: cxrlab ood-check --model models/tb cow.jpg lungs/normal/\n"
+                 "exit status: 0 when every image is accepted, 1 when any is refused or unreadable",
     "datasets": "example: cxrlab datasets download shenzhen data/shenzhen",
     "serve": "example: cxrlab serve --model models/tb --port 8000",
     "explain": "example: cxrlab explain --model models/tb lungs/abnormal --output heatmaps/ --summary",
     "compare": "example: cxrlab compare runs/a/model eval/other --output cmp/",
     "site-shift": "example: cxrlab site-shift --model models/tb lungs_test/",
 }
+EXIT_STATUS = ("exit status: 0 success; 1 an input or output failed (one 'error:' line says which); "
+               "2 a bad option or an internal error; 130 interrupted")
+PROGRESS_MIN_FILES = 8  # predict shows a bar on a terminal from this many files
+PROGRESS_ALWAYS_FILES = 1000  # ... and even when stderr is a log file from this many
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: argument --x: ...` and exit status 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def _flag(parser, name: str, **kwargs):
@@ -37,40 +53,56 @@ def add_train_options(p) -> None:
     p.add_argument("--output", "-o", help="model directory to write (default runs/<timestamp>/model)")
     p.add_argument("--backbone", default="efficientnet-lite0", help="efficientnet-lite0|1|2, inception-v3 or onnx:PATH")
     _flag(p, "bottleneck_dir", help="embedding cache folder (default: the user cache dir)")
-    _flag(p, "label_from_name", metavar="REGEX", help="label from the file name: 'nlm' (_1 abnormal, _0 normal) or a regex with a (?P<label>...) group")
-    _flag(p, "group_regex", help="regex on the relative path whose (?P<group>...) keeps one patient's images in one split")
+    _flag(p, "label_from_name", metavar="REGEX", type=v.regex, help="label from the file name: 'nlm' (_1 abnormal, _0 normal) or a regex with a (?P<label>...) group")
+    _flag(p, "group_regex", type=v.regex, help="regex on the relative path whose (?P<group>...) keeps one patient's images in one split")
     _flag(p, "split_file", help="reuse the split of this CSV manifest")
-    _flag(p, "testing_percentage", type=float, default=10.0)
-    _flag(p, "validation_percentage", type=float, default=10.0)
+    _flag(p, "testing_percentage", type=v.percentage, default=10.0,
+          help="0 to <100; with the validation share, under 100")
+    _flag(p, "validation_percentage", type=v.percentage, default=10.0, help="0 to <100")
     _flag(p, "solver", default="lbfgs", choices=["lbfgs", "sgd"], help="lbfgs: regularised logistic regression (default); sgd: the tutorial's")
-    _flag(p, "how_many_training_steps", type=int, default=4000)
-    _flag(p, "learning_rate", type=float, default=0.01)
-    _flag(p, "train_batch_size", type=int, default=100)
-    _flag(p, "eval_step_interval", type=int, default=10)
-    _flag(p, "validation_batch_size", type=int, default=100)
-    _flag(p, "test_batch_size", type=int, default=-1)
+    _flag(p, "how_many_training_steps", type=v.positive_int, default=4000, help="a whole number >= 1")
+    _flag(p, "learning_rate", type=v.positive_float, default=0.01, help="> 0 (sgd)")
+    _flag(p, "train_batch_size", type=v.batch_or_all, default=100, help=">= 1, or -1 for all (sgd)")
+    _flag(p, "eval_step_interval", type=v.positive_int, default=10, help=">= 1")
+    _flag(p, "validation_batch_size", type=v.batch_or_all, default=100, help=">= 1, or -1 for all")
+    _flag(p, "test_batch_size", type=v.batch_or_all, default=-1, help=">= 1, or -1 for all")
     _flag(p, "print_misclassified_test_images", action="store_true")
     _flag(p, "positive_label", help="the class that counts as positive (default: abnormal)")
-    _flag(p, "operating_point", default="who", help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on validation")
+    _flag(p, "operating_point", default="who", type=v.operating_point, help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on validation")
     _flag(p, "robust_operating_point", action="store_true",
           help="choose the threshold on the validation images under simulated site shifts too (more conservative)")
     _flag(p, "flip_left_right", action="store_true")
-    _flag(p, "random_crop", type=float, default=0.0)
-    _flag(p, "random_scale", type=float, default=0.0)
-    _flag(p, "random_brightness", type=float, default=0.0)
+    _flag(p, "random_crop", type=v.percentage_0_100, default=0.0, help="percent, 0 to 100")
+    _flag(p, "random_scale", type=v.percentage_0_100, default=0.0, help="percent, 0 to 100")
+    _flag(p, "random_brightness", type=v.percentage_0_100, default=0.0, help="percent, 0 to 100")
     _flag(p, "no_ood", action="store_true", help="do not fit the out-of-distribution gate")
     _flag(p, "no_report", action="store_true", help="do not write report.html")
     _flag(p, "summaries_dir", help="also write TensorBoard scalars here (needs the tensorboard package)")
     _flag(p, "precision", default="fp32", choices=["fp32", "int8"], help="int8: quantised backbone, calibrated on training images")
-    _flag(p, "workers", type=int, default=None, help="decode threads (default: up to 4, one per core)")
-    _flag(p, "batch_size", type=int, default=32, help="images per ONNX Runtime batch while embedding")
+    _flag(p, "workers", type=v.positive_int, default=None, help="decode threads, >= 1 (default: up to 4, one per core)")
+    _flag(p, "batch_size", type=v.positive_int, default=32, help="images per ONNX Runtime batch while embedding, >= 1")
     _flag(p, "fine_tune", action="store_true", help="fine-tune the backbone end to end in torch (slower, more accurate)")
-    _flag(p, "epochs", type=int, default=8, help="fine-tuning epochs (with --fine-tune)")
-    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
+    _flag(p, "epochs", type=v.positive_int, default=8, help="fine-tuning epochs (with --fine-tune), >= 1")
+    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
                    help="a fine-tuning choice, e.g. lr=1e-4, intensity=window, input_size=299, augment.gamma=0.3 "
                         "(see cxrlab.finetune.FineTuneOptions)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=v.seed, default=0, help=f"0 to {v.SEED_MAX}")
     p.add_argument("--quiet", "-q", action="store_true")
+
+
+def ft_option(text: str) -> tuple[str, str]:
+    """argparse type of --ft: KEY=VALUE with a known key and a value of the right type and range."""
+    from .errors import DataError
+    from .finetune import FineTuneOptions
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. lr=1e-4")
+    try:
+        FineTuneOptions().set(key.strip(), value.strip())
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return key.strip(), value.strip()
 
 
 def print_step(info) -> None:
@@ -117,14 +149,12 @@ def _fine_tune_args(a) -> dict:
     from .finetune import FineTuneOptions
 
     options = FineTuneOptions(epochs=a.epochs)
-    for item in a.ft:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CxrlabError(f"--ft {item!r}: expected KEY=VALUE")
-        options.set(key.strip(), value.strip())
+    for key, value in a.ft:
+        options.set(key, value)
+    options.validate()  # the combination (e.g. batch_size=1 needs freeze_bn=true), before any work
 
     def on_epoch(row):
-        if not a.quiet:
+        if not getattr(a, "quiet", False):
             auc = f", validation AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else ""
             print(f"Epoch {row['epoch']}: loss {row['loss']:.4f}{auc}{' (best so far)' if row.get('best') else ''}",
                   flush=True)
@@ -174,6 +204,35 @@ def render_prediction_text(p, top_k: int | None = None, header: bool = False) ->
     return lines
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _show_progress(n_files: int) -> bool:
+    return n_files >= PROGRESS_ALWAYS_FILES or (n_files >= PROGRESS_MIN_FILES and _stderr_is_terminal())
+
+
+def predict_with_progress(model, paths, *, ood: bool = True, chunk: int = 64) -> list:
+    """model.predict over the expanded files, with a bar on stderr for long inputs."""
+    from .predict import expand_paths
+    from .progress import Silent, TqdmProgress
+
+    files = expand_paths(paths)
+    bar = TqdmProgress() if _show_progress(len(files)) else Silent()
+    bar.start(len(files), "predicting")
+    preds = []
+    try:
+        for i in range(0, len(files), chunk):
+            preds.extend(model.predict(files[i : i + chunk], ood=ood))
+            bar.advance(len(files[i : i + chunk]))
+    finally:
+        bar.close()
+    return preds
+
+
 def load_model_arg(a):
     """The --model of a command, with its --trust-modified-model choice."""
     from .predict import load_model
@@ -185,9 +244,10 @@ def run_predict(a) -> int:
     if a.explain:  # before any work
         from .explain import check_output
 
+        v.check_output_dir("--explain", a.explain)
         check_output(a.explain, a.model, a.paths)
     model = load_model_arg(a)
-    preds = model.predict(a.paths, ood=not a.no_ood)
+    preds = predict_with_progress(model, a.paths, ood=not a.no_ood)
     if a.format == "json":
         print(json.dumps([p.to_dict() for p in preds], indent=2))
     elif a.format == "csv":
@@ -204,7 +264,7 @@ def run_predict(a) -> int:
 
         n = len(explain_paths(model, [p.path for p in preds if not p.error], a.explain))
         print(f"{n} heatmap(s) written to {a.explain}", file=sys.stderr)
-    return 1 if preds and all(p.error for p in preds) else 0
+    return 1 if any(p.error for p in preds) else 0
 
 
 def run_evaluate(a) -> int:
@@ -223,6 +283,8 @@ def run_evaluate(a) -> int:
             print(f"{name:16} " + " ".join(f"{v:6.3f}" if isinstance(v, float) else f"{'-':>6}" for v in vals))
     if "who_verdict" in m["all"]:
         print(m["all"]["who_verdict"])
+    if m.get("accepted_note"):
+        print(f"note: {m['accepted_note']}", file=sys.stderr)
     if r.skipped:
         print(f"Skipped {len(r.skipped)} unreadable file(s):", file=sys.stderr)
         for path, reason in r.skipped:
@@ -239,6 +301,7 @@ def run_cv(a) -> int:
     from .progress import TqdmProgress
 
     if a.output:  # before any work
+        v.check_output_dir("--output", a.output)
         check_output_dir(a.output, "cv", inputs=[a.image_dir], files=["metrics.json"],
                          classes=folder_classes(a.image_dir))
     ft = _fine_tune_args(a)
@@ -260,17 +323,19 @@ def run_ood_check(a) -> int:
     model = load_model_arg(a)
     if model.ood_gate is None:
         raise CxrlabError(f"{a.model}: this model has no out-of-distribution gate (trained with --no-ood)")
-    for p in model.predict(a.paths):
+    preds = predict_with_progress(model, a.paths)
+    for p in preds:
         verdict = "error: " + p.error if p.error else ("REJECT" if p.ood else "accept")
         score = "" if p.error else f"{p.ood_score:8.2f} (threshold {p.ood_threshold:.2f})  "
         print(f"{score}{verdict}  {p.path}")
-    return 0
+    return 1 if any(p.error or p.ood for p in preds) else 0
 
 
 def run_datasets(a) -> int:
     from .datasets import download, layout_archive
     from .progress import TqdmProgress
 
+    v.check_output_dir("DEST", a.dest)
     if a.archive:
         r = layout_archive(a.name, a.archive, a.dest, sha256=a.sha256)
     else:
@@ -284,6 +349,7 @@ def run_datasets(a) -> int:
 def run_explain(a) -> int:
     from .explain import explain_paths, summary
 
+    v.check_output_dir("--output", a.output)
     skipped: list[tuple[str, str]] = []
     heatmaps = explain_paths(load_model_arg(a), a.paths, a.output, skipped=skipped)
     print(f"{len(heatmaps)} heatmap(s) written to {a.output}")
@@ -304,6 +370,8 @@ def run_explain(a) -> int:
 def run_compare(a) -> int:
     from .compare import compare, format_table
 
+    if a.output:
+        v.check_output_dir("--output", a.output)
     r = compare(a.dirs, output=a.output, names=a.names)
     print("\n".join(format_table(r)))
     for note in r["notes"]:
@@ -318,7 +386,9 @@ def run_site_shift(a) -> int:
     from .siteshift import format_rows, site_shift_folder
 
     inputs = [a.model, a.data]
+    v.check_existing_dir("DATA", a.data)
     if a.output:  # before any work
+        v.check_output_dir("--output", a.output)
         check_output_dir(a.output, "site-shift", inputs=inputs, files=["site_shift.json"],
                          classes=model_labels(a.model))
     rows = site_shift_folder(load_model_arg(a), a.data, label_from_name=a.label_from_name)
@@ -346,21 +416,27 @@ def add_trust_option(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrlab", description="Chest X-ray classifiers from a folder, used honestly.")
+    parser = Parser(prog="cxrlab", description="Chest X-ray classifiers from a folder, used honestly.",
+                    epilog=EXIT_STATUS)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help_):
-        p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG.get(name))
-        p.set_defaults(func=func)
+    def command(name, func, help_, resumable=False):
+        own = EPILOG.get(name, "")
+        epilog = own if "exit status" in own else "\n".join(filter(None, [own, EXIT_STATUS]))
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func, resumable=resumable)
+        add_debug_flag(p)
         return p
 
-    add_train_options(command("train", run_train, "train a classifier from a folder of labelled images"))
+    add_train_options(command("train", run_train, "train a classifier from a folder of labelled images",
+                              resumable=True))
     p = command("predict", run_predict, "label images with a trained model")
     p.add_argument("--model", "-m", required=True)
     add_trust_option(p)
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=v.positive_int, default=None, help="show the K best labels, K >= 1")
     p.add_argument("--format", choices=["text", "json", "csv"], default="text")
     p.add_argument("--no-ood", action="store_true", help="do not refuse out-of-distribution images")
     p.add_argument("--explain", metavar="OUT_DIR", help="also write class activation map overlays here")
@@ -368,22 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True)
     add_trust_option(p)
     p.add_argument("data", metavar="DATA")
-    p.add_argument("--label-from-name", metavar="REGEX")
+    p.add_argument("--label-from-name", metavar="REGEX", type=v.regex)
     p.add_argument("--output", "-o", help="folder for metrics.json, predictions.csv, report.html")
     p.add_argument("--no-ood", action="store_true")
-    p = command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings")
+    p = command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings", resumable=True)
     p.add_argument("image_dir", metavar="IMAGE_DIR")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=v.folds, default=5, help="2 or more, at most the images (patients) of a class")
     p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--label-from-name", metavar="REGEX")
-    p.add_argument("--group-regex")
+    p.add_argument("--label-from-name", metavar="REGEX", type=v.regex)
+    p.add_argument("--group-regex", type=v.regex)
     p.add_argument("--positive-label", default="abnormal")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     p.add_argument("--fine-tune", dest="fine_tune", action="store_true",
                    help="fine-tune the backbone per fold, as `cxrlab train --fine-tune` does (slow)")
-    p.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (with --fine-tune)")
-    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", help="a fine-tuning choice (with --fine-tune)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=v.positive_int, default=8, help="fine-tuning epochs (with --fine-tune), >= 1")
+    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
+                   help="a fine-tuning choice (with --fine-tune)")
+    p.add_argument("--seed", type=v.seed, default=0, help=f"0 to {v.SEED_MAX}")
     p.add_argument("--output", "-o", help="folder for metrics.json")
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")
     p.add_argument("--model", "-m", required=True)
@@ -410,36 +487,136 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True)
     add_trust_option(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
-    p.add_argument("--label-from-name", metavar="REGEX")
+    p.add_argument("--label-from-name", metavar="REGEX", type=v.regex)
     p.add_argument("--output", "-o", help="folder for site_shift.json (the rows as JSON)")
     p = command("serve", run_serve, "a local web page and REST API")
     p.add_argument("--model", "-m", required=True)
     add_trust_option(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=v.port, default=8000, help="1 to 65535")
     return parser
 
 
+def add_debug_flag(p) -> None:
+    """--debug after the subcommand too; SUPPRESS keeps a --debug given before it."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+_OS_CAUSES = {
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "not a directory (a part of the path is a file)", errno.ENOENT: "no such file or directory",
+    errno.EEXIST: "already exists", errno.ENOTEMPTY: "folder not empty", errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links", errno.EMFILE: "too many open files",
+    errno.EIO: "input/output error",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'PATH: cause' of a failed file operation, in words, e.g. 'out/model: read-only file system'."""
+    cause = _OS_CAUSES.get(exc.errno) or (exc.strerror or str(exc) or type(exc).__name__)
+    paths = [os.fsdecode(p) if isinstance(p, bytes) else str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
+
+
+def _inputs(args) -> str:
+    """The command's main input, for messages (e.g. which folder was being read when memory ran out)."""
+    for key in ("image_dir", "image_dir_pos", "data", "dirs", "paths", "image", "model"):
+        value = getattr(args, key, None)
+        if value:
+            if isinstance(value, (list, tuple)):
+                return str(value[0]) + (f" (and {len(value) - 1} more)" if len(value) > 1 else "")
+            return str(value)
+    return ""
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+
+
+def _one_line(text: str) -> str:
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def run(func, args, debug: bool = False) -> int:
-    """Run a command; CxrlabError becomes one 'error:' line and exit code 1."""
+    """Run a command: every expected failure becomes one 'error:' line, never a traceback (unless --debug).
+
+    1: CxrlabError, a file operation that failed (path and cause named), out of memory, text that is not
+    UTF-8; 2: anything unexpected (an internal error); 130: interrupted.
+    """
     try:
         return func(args)
-    except CxrlabError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("interrupted: nothing half-written was left behind; run the same command again to resume", file=sys.stderr)
+        resume = "; run the same command again to resume" if getattr(args, "resumable", False) else ""
+        print(f"interrupted: nothing half-written was left behind{resume}", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _silence_stdout()
         return 0
+    except MemoryError:
+        if debug:
+            raise
+        where = _inputs(args)
+        print(f"error: out of memory{f' while reading {where}' if where else ''}; close other programs, or use "
+              "fewer or smaller images (or a smaller --batch-size / --workers)", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if debug:
+            raise
+        message, code = _error_line(exc)
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        return code
+
+
+def _error_line(exc: Exception) -> tuple[str, int]:
+    if isinstance(exc, CxrlabError):
+        return str(exc), 1
+    if isinstance(exc, OSError):
+        return describe_os_error(exc), 1
+    if isinstance(exc, UnicodeEncodeError) and isinstance(exc.object, str):
+        return (f"{_printable(exc.object)}: not valid UTF-8 (a file or option name from a system with another "
+                "encoding?); rename it or pass it in UTF-8"), 1
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a file that should be UTF-8 text is not ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                "(--debug shows where it was read)"), 1
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return f"this needs the Python module '{exc.name}', which is not installed (e.g. pip install {exc.name})", 1
+    detail = f"{type(exc).__name__}: {_printable(str(exc))}" if str(exc) else type(exc).__name__
+    return f"internal error ({detail}); rerun with --debug for the traceback", 2
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe (cxrlab predict ... | head), let the interpreter's final flush go nowhere."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _tolerant_streams() -> None:
+    """File names that are not valid UTF-8 (surrogate-escaped by Python) print as \\x escapes, never crash."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # a StringIO in tests, a closed stream
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _parse(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace | None, int]:
+    """(args, 0), or (None, exit status) for --help and bad options (argparse has printed the line)."""
+    try:
+        return parser.parse_args(argv), 0
+    except SystemExit as exc:
+        return None, 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+
+
+def run_parser(parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse ``argv`` and run the chosen ``func``: the whole life of one command, as an exit status."""
+    with contextlib.suppress(ValueError):  # only the main thread may set it; elsewhere keep the caller's
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _tolerant_streams()
+    args, code = _parse(parser, argv)
+    return code if args is None else run(args.func, args, args.debug)
 
 
 def main(argv=None) -> int:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = build_parser().parse_args(argv)
-    return run(args.func, args, args.debug)
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

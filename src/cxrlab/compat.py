@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from .cli import add_train_options, add_trust_option, render_prediction_text, render_train_result, run, train_kwargs
+from .cli import (EXIT_STATUS, Parser, add_train_options, add_trust_option, render_prediction_text,
+                  render_train_result, run_parser, train_kwargs)
 
 ARCHITECTURES = {"inception_v3": "inception-v3", "mobilenet": "efficientnet-lite0"}
 
@@ -22,7 +22,10 @@ def _run_retrain(a) -> int:
         from .errors import CxrlabError
 
         raise CxrlabError("give the image folder with --image_dir")
-    graph, labels = Path(a.output_graph), Path(a.output_labels)
+    from .validate import check_output_file
+
+    graph = Path(check_output_file("--output_graph", a.output_graph))
+    labels = Path(check_output_file("--output_labels", a.output_labels))
     model_dir = graph.with_name(graph.stem + ".cxrlab")
     _check_retrain_outputs(graph, labels, model_dir, image_dir)  # train() checks model_dir itself
     a.backbone = a.backbone or ARCHITECTURES.get(a.architecture, a.architecture)
@@ -76,39 +79,46 @@ def _lines(path: Path) -> list[str] | None:
 
 
 def retrain_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="retrain", description="The TensorFlow retrain.py tutorial's command, run by cxrlab.")
+    p = Parser(prog="retrain", description="The TensorFlow retrain.py tutorial's command, run by cxrlab.",
+               epilog=EXIT_STATUS)
     add_train_options(p)
-    p.set_defaults(backbone=None)  # embeddings go to the private per-user cache, never a shared /tmp folder
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    # embeddings go to the private per-user cache, never a shared /tmp folder
+    p.set_defaults(func=_run_retrain, backbone=None, resumable=True)
     p.add_argument("--output_graph", default="/tmp/output_graph.pb", help="written as ONNX (cxrlab's analogue of the .pb)")
     p.add_argument("--output_labels", default="/tmp/output_labels.txt")
     p.add_argument("--architecture", default="inception_v3", help="inception_v3 (the tutorial's) or any cxrlab backbone")
     for ignored in ("--model_dir", "--final_tensor_name", "--intermediate_output_graphs_dir",
                     "--intermediate_store_frequency"):
         p.add_argument(ignored, help="accepted for compatibility; not used")
-    a = p.parse_args(argv)
-    return run(_run_retrain, a)
+    return run_parser(p, argv)
 
 
 def _run_label_image(a) -> int:
     from .predict import Model
 
     model = Model.from_graph(a.graph, a.labels, trust_modified=a.trust_modified_model)
+    failed = False
     for image in a.image:
         for p in model.predict([image]):
+            failed = failed or bool(p.error)
             print("\n".join(render_prediction_text(p, header=len(a.image) > 1)))
-    return 0
+    return 1 if failed else 0
 
 
 def label_image_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="label_image", description="The tutorial's label_image, on a cxrlab model.")
+    p = Parser(prog="label_image", description="The tutorial's label_image, on a cxrlab model.",
+               epilog="exit status: 0 when every image was labelled, 1 when any could not be read; "
+                      "2 a bad option or an internal error")
     p.add_argument("--graph", default="/tmp/output_graph.pb")
     p.add_argument("--labels", default="/tmp/output_labels.txt")
     p.add_argument("--image", required=True, action="append", help="image file (repeat for several)")
     add_trust_option(p)
     for ignored in ("--input_layer", "--output_layer", "--input_height", "--input_width", "--input_mean", "--input_std"):
         p.add_argument(ignored, help="accepted for compatibility: the preprocessing lives in the model")
-    a = p.parse_args(argv)
-    return run(_run_label_image, a)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=_run_label_image)
+    return run_parser(p, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import validate
 from .discover import discover
 from .errors import DataError
 from .metrics import binary_report, multiclass_report, who_verdict
@@ -40,6 +41,7 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
              label_map: dict | None = None, output: str | os.PathLike | None = None, ood: bool = True,
              progress: Progress | None = None) -> EvalResult:
     """Score every labelled image under ``data_dir`` and report metrics on all and on accepted images."""
+    validate.evaluate_arguments(**locals())  # before the model is loaded or any image read
     inputs, classes = [getattr(model, "directory", model), data_dir], model_labels(model)
     if output is not None:  # before any work: never over, around or inside the data or the model
         check_output_dir(output, "evaluate", inputs=inputs, files=REPORT_FILES, classes=classes)
@@ -70,6 +72,8 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
     accepted = [(t, p) for t, p in zip(truth, preds) if not p.ood]
     metrics["n_rejected"] = len(preds) - len(accepted)
     try:
+        if not accepted:
+            raise DataError("every image was refused as out-of-distribution: no metrics on accepted images")
         metrics["accepted"] = _report(model, [t for t, _ in accepted], [p for _, p in accepted]) if metrics["n_rejected"] else None
     except DataError as exc:
         metrics["accepted"] = None

@@ -14,9 +14,10 @@ from typing import Callable
 
 import numpy as np
 
+from . import validate
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
-from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, parse_operating_point, softmax
+from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, softmax
 from .discover import discover
 from .embed import Embedder, SkippedFile
 from .errors import DataError
@@ -111,10 +112,10 @@ class TrainResult:
 def train(image_dir: str | os.PathLike, **options) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory (options: TrainOptions)."""
     o = TrainOptions(**options)
+    validate.train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
     started = time.time()
     run_dir, model_dir = _output_dirs(o.output, [image_dir], o.summaries_dir, o.bottleneck_dir)
     check_calibration(o.calibration)
-    parse_operating_point(o.operating_point)  # a bad rule fails now, not after the embedding
     image_dir = Path(image_dir)
     dataset = discover(image_dir, label_from_name=o.label_from_name, label_map=o.label_map)
     previous = Manifest.read(o.split_file) if o.split_file else None

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..siteshift import jpeg_recompress
-from .options import AugmentConfig
+from .options import TTA_VIEWS, AugmentConfig
 
 
 def torch_module():
@@ -64,10 +64,6 @@ def wrap(backbone, intensity):
             return self.backbone(self.pre(image))
 
     return FineTuned()
-
-
-# (degrees, zoom) besides the identity, in the order they are added: small zooms and rotations only
-TTA_VIEWS = ((0.0, 1.06), (4.0, 1.0), (-4.0, 1.0), (0.0, 0.94), (8.0, 1.03), (-8.0, 1.03), (0.0, 1.12))
 
 
 def tta_grids(size: int, views: int = 3):

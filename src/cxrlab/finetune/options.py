@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import DataError
 
+# Test-time views (rotation degrees, zoom) after the identity, in the order tta_views takes them.
+TTA_VIEWS = ((0.0, 1.06), (4.0, 1.0), (-4.0, 1.0), (0.0, 0.94), (8.0, 1.03), (-8.0, 1.03), (0.0, 1.12))
+
 
 @dataclass
 class AugmentConfig:
@@ -70,15 +73,91 @@ class FineTuneOptions:
         if name not in kinds or name == "augment":
             raise DataError(f"unknown fine-tune option {key!r}; known: "
                             f"{', '.join([f.name for f in fields(self) if f.name != 'augment'] + [f.name for f in fields(AugmentConfig)])}")
-        current = getattr(target, name)
+        default = next(f.default for f in fields(target) if f.name == name)  # the field's type, whatever is set now
+        old = getattr(target, name)
+        setattr(target, name, _parse_option(key, value, default, name))
+        try:
+            self._rules()[name if target is self else f"augment.{name}"]()
+        except DataError:
+            setattr(target, name, old)
+            raise
+
+    def validate(self) -> None:
+        """Every value's type and range, checked before any image is decoded (DataError naming the option)."""
+        if not isinstance(self.augment, AugmentConfig):
+            raise DataError(f"FineTuneOptions.augment must be an AugmentConfig, got {type(self.augment).__name__}")
+        for check in self._rules().values():
+            check()
+        if self.batch_size < 2 and not self.freeze_bn:
+            raise DataError("--ft batch_size must be at least 2 (BatchNorm statistics need 2 images per batch), "
+                            "or set --ft freeze_bn=true")
+
+    def _rules(self) -> dict:
+        """One check per option, keyed like --ft (``augment.`` for the augmentation fields)."""
+        from ..validate import check_choice, check_float, check_int
+
+        def whole(name, lo, hi=None, special=(), special_text=""):
+            return lambda: check_int(f"--ft {name}", getattr(self, name), lo, hi, special=special,
+                                     special_text=special_text)
+
+        def number(name, lo, hi=None, *, lo_open=False, hi_open=False):
+            target, field_name = (self.augment, name[8:]) if name.startswith("augment.") else (self, name)
+            return lambda: check_float(f"--ft {name}", getattr(target, field_name), lo, hi, lo_open=lo_open,
+                                       hi_open=hi_open)
+
+        def flag(name):
+            target, field_name = (self.augment, name[8:]) if name.startswith("augment.") else (self, name)
+
+            def check():
+                if not isinstance(getattr(target, field_name), bool):
+                    raise DataError(f"--ft {name} must be true or false, got {getattr(target, field_name)!r}")
+            return check
+
+        def input_size():
+            if self.input_size is not None:
+                check_int("--ft input_size", self.input_size, 32, 1024, special_text="or none for the backbone's")
+
+        rules = {
+            "epochs": whole("epochs", 1), "batch_size": whole("batch_size", 1),
+            "lr": number("lr", 0, lo_open=True), "head_lr_mult": number("head_lr_mult", 0, lo_open=True),
+            "layer_decay": number("layer_decay", 0, 1, lo_open=True), "weight_decay": number("weight_decay", 0),
+            "schedule": lambda: check_choice("--ft schedule", self.schedule, ("onecycle", "cosine")),
+            "warmup_head": flag("warmup_head"),
+            "trainable_units": whole("trainable_units", 1, special=(-1,), special_text="or -1 for all"),
+            "freeze_bn": flag("freeze_bn"), "bn_momentum": number("bn_momentum", 0, 1),
+            "label_smoothing": number("label_smoothing", 0, 1, hi_open=True),
+            "dropout": number("dropout", 0, 1, hi_open=True), "ema": number("ema", 0, 1, hi_open=True),
+            "patience": whole("patience", 0), "input_size": input_size,
+            "intensity": lambda: check_choice("--ft intensity", self.intensity, ("none", "window", "standardize")),
+            "tta": flag("tta"), "tta_views": whole("tta_views", 1, len(TTA_VIEWS)),
+            "augment.rotate": number("augment.rotate", 0, 180),
+            "augment.translate": number("augment.translate", 0, 0.5),
+            "augment.flip": flag("augment.flip"),
+        }
+        for name in ("scale", "aspect", "brightness", "contrast", "gamma", "sharpen", "jpeg", "invert"):
+            rules[f"augment.{name}"] = number(f"augment.{name}", 0, 1)
+        return rules
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_option(key: str, value: str, current, name: str):
+    """One --ft value from its string, typed like the field's current value."""
+    text = value.strip()
+    try:
         if isinstance(current, bool):
-            parsed = value.lower() in ("1", "true", "yes", "on")
-        elif name == "input_size":
-            parsed = None if value.lower() in ("", "none") else int(value)
-        elif isinstance(current, int):
-            parsed = int(value)
-        elif isinstance(current, float):
-            parsed = float(value)
-        else:
-            parsed = value
-        setattr(target, name, parsed)
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if name == "input_size":
+            return None if text.lower() in ("", "none") else int(text)
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+    except ValueError:
+        kind = ("true or false" if isinstance(current, bool)
+                else "a whole number" if isinstance(current, int) or name == "input_size" else "a number")
+        raise DataError(f"--ft {key}={value}: the value must be {kind}") from None
+    return text
