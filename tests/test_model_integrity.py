@@ -542,7 +542,8 @@ def test_bad_operating_point_fails_before_any_embedding(tmp_path, monkeypatch, c
     monkeypatch.setattr(cxrlab.training, "create_backbone", no_backbone)  # cv embeds through training's steps
     data = make_dataset(tmp_path / "lungs", 3, 32)
     rc, out, err = run_cli(main, ["train", str(data), "--operating-point", "sensitivity=1.5", "-q"], capsys)
-    assert_one_line_error(rc, out, err, "sensitivity=1.5", "not a fraction")
+    assert rc == 2, "a bad option value is a usage error (exit 2), found by the parser"
+    assert_one_line_error(1, out, err, "sensitivity=1.5", "not a fraction")
     with pytest.raises(DataError, match="not a fraction"):
         cxrlab.crossval.cross_validate(data, operating_point="sensitivity=90")
 

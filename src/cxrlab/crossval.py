@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import validate
+from .validate import cv_arguments, check_folds
 from .discover import discover
 from .errors import DataError
 from .fit import Splits
@@ -31,19 +31,19 @@ def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: st
                    progress: Progress | None = None, precision: str = "fp32", fine_tune: bool = False,
                    fine_tune_options=None) -> dict:
     """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the model ``train`` would ship."""
-    validate.cv_arguments(**locals())  # before any image is read
+    cv_arguments(**locals())  # before any image is read
     root = Path(image_dir)
     ds = discover(root, label_from_name=label_from_name)
     if len(ds.labels) != 2 or positive_label not in ds.labels:
         raise DataError(f"cv needs two classes including '{positive_label}' (found {', '.join(ds.labels)}); set --positive-label")
-    validate.check_folds(folds, _groups_by_label(ds.samples, group_regex))
+    check_folds(folds, _groups_by_label(ds.samples, group_regex))
     options = TrainOptions(backbone=backbone, bottleneck_dir=bottleneck_dir, label_from_name=label_from_name,
                            group_regex=group_regex, positive_label=positive_label, operating_point=operating_point,
                            seed=seed, progress=progress, precision=precision, fine_tune=fine_tune,
                            fine_tune_options=fine_tune_options)
     frozen = embed_images(root, ds.samples, options, calibration_rows=ds.samples)
     samples = [s for s in ds.samples if s.relpath in frozen.vectors]
-    validate.check_folds(folds, _groups_by_label(samples, group_regex))  # unreadable images may leave too few
+    check_folds(folds, _groups_by_label(samples, group_regex))  # unreadable images may leave too few
     per_fold = [{"fold": f, **evaluate_entries(root, entries, frozen, options, ds.labels)}
                 for f, entries in enumerate(fold_entries(samples, folds, seed, group_regex))]
     summary = {k: {"mean": float(np.mean([r[k] for r in per_fold])), "sd": float(np.std([r[k] for r in per_fold], ddof=1))}

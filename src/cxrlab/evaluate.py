@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import validate
+from .validate import evaluate_arguments
 from .discover import discover
 from .errors import DataError
 from .metrics import binary_report, multiclass_report, who_verdict
@@ -41,7 +41,7 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
              label_map: dict | None = None, output: str | os.PathLike | None = None, ood: bool = True,
              progress: Progress | None = None) -> EvalResult:
     """Score every labelled image under ``data_dir`` and report metrics on all and on accepted images."""
-    validate.evaluate_arguments(**locals())  # before the model is loaded or any image read
+    evaluate_arguments(**locals())  # before the model is loaded or any image read
     inputs, classes = [getattr(model, "directory", model), data_dir], model_labels(model)
     if output is not None:  # before any work: never over, around or inside the data or the model
         check_output_dir(output, "evaluate", inputs=inputs, files=REPORT_FILES, classes=classes)

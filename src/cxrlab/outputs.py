@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import __version__
-from .errors import CxrlabError
+from .errors import DataError
 from .fsutil import atomic_write_bytes
 
 MARKER = ".cxrlab-output"
@@ -35,7 +35,7 @@ DATA_COMMANDS = frozenset({"datasets"})  # what they make is data, never an outp
 _SHOWN = 3
 
 
-class OutputError(CxrlabError):
+class OutputError(DataError):
     """An output path that would overwrite, hide or delete the user's data, or mix outputs into it."""
 
 

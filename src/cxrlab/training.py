@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import validate
+from .validate import train_arguments
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
 from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, softmax
@@ -112,7 +112,7 @@ class TrainResult:
 def train(image_dir: str | os.PathLike, **options) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory (options: TrainOptions)."""
     o = TrainOptions(**options)
-    validate.train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
+    train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
     started = time.time()
     run_dir, model_dir = _output_dirs(o.output, [image_dir], o.summaries_dir, o.bottleneck_dir)
     check_calibration(o.calibration)

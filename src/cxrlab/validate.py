@@ -239,27 +239,15 @@ def _writable_problem(folder: Path) -> str | None:
     return None
 
 
-def check_output_dir(name: str, path, *, replaced: bool = False) -> Path:
-    """A folder that can be created or written: not a file, not inside a file, writable, not full.
+def check_output_dir(name: str, path) -> Path:
+    """A folder that can be created or written: writable, on a file system that is not read-only or full.
 
-    ``replaced``: the folder is swapped in as a whole (a model directory), so an existing one must be
-    empty or a cxrlab model, and it may not be the current folder or one above it.
-    """
+    Whether an existing path may be used at all (a user's file or folder, the data itself) is the output
+    rule's question, asked by cxrlab.outputs with the inputs in hand; this only probes the file system."""
     p = as_path(name, path)
-    absolute = Path(os.path.abspath(p))
     if p.exists() and not p.is_dir():
-        raise DataError(_named(name, f"{p}: is a file, not a folder"))
-    if replaced:
-        cwd = Path(os.path.abspath(os.getcwd()))
-        if absolute == cwd or absolute in cwd.parents or absolute.parent == absolute:
-            raise DataError(_named(name, f"{p}: is the current folder or one above it; "
-                                         "give a new folder for the model, e.g. models/tb"))
-        if p.is_dir() and not (p / "cxrlab.json").is_file() and any(_listing(p)):
-            raise DataError(_named(name, f"{p}: exists and is not a cxrlab model folder; it would be replaced "
-                                         "by the model. Give a new or empty folder"))
-        problem = _writable_problem(_first_existing(absolute.parent))
-    else:
-        problem = _writable_problem(_first_existing(absolute))
+        return p  # refused by cxrlab.outputs, which names the file and says why
+    problem = _writable_problem(_first_existing(Path(os.path.abspath(p))))
     if problem:
         raise DataError(_named(name, problem))
     return p
@@ -330,7 +318,7 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
         check_output_dir("--bottleneck-dir", bottleneck_dir)
     if summaries_dir is not None:
         check_output_dir("--summaries-dir", summaries_dir)
-    check_output_dir("--output", output if output is not None else "runs", replaced=output is not None)
+    check_output_dir("--output", output if output is not None else "runs")
 
 
 def _check_fine_tune(backbone: str, fine_tune_options, epochs: int | None) -> None:
