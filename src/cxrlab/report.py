@@ -351,10 +351,13 @@ def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
     if model_dir is None or not test or not (Path(model_dir) / "model.onnx").is_file():
         return None
     started = time.perf_counter()
-    from . import explain
+    from importlib import import_module
+
     from .embed import prepare, read_file
     from .explain import shrink
     from .predict import load_model
+
+    explain = import_module(".explain", __package__)  # the module; cxrlab.explain is the function
 
     def score(r, lab):
         return r["scores"][labels.index(lab)]
