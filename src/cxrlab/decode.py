@@ -1,4 +1,5 @@
-"""Path or bytes -> float32 grayscale array in [0, 1] plus metadata, for every supported format.
+"""Path, bytes, Pillow image or numpy array -> float32 grayscale array in [0, 1] plus metadata, for every
+supported format; an image in memory follows the rules a file of the same samples follows.
 
 Which stored value is black and which is white
 ----------------------------------------------
@@ -117,10 +118,78 @@ def decode_image(
         return _decode_pillow(data, label, max_pixels, min_size)
     except ImageError:
         raise
-    except MemoryError:
-        raise ImageError(label, "out of memory while decoding; the image is too large") from None
     except Exception as e:  # any decoder failure on hostile bytes must surface as ImageError
-        raise ImageError(label, f"could not decode ({type(e).__name__}: {error_text(e)})") from e
+        raise _as_image_error(label, e) from e
+
+
+def _as_image_error(label: str, e: Exception) -> ImageError:
+    if isinstance(e, MemoryError):
+        return ImageError(label, "out of memory while decoding; the image is too large")
+    return ImageError(label, f"could not decode ({type(e).__name__}: {error_text(e)})")
+
+
+def decode_pil(img: Image.Image, *, name: str = "<image>", max_pixels: int = MAX_PIXELS,
+               min_size: int | None = None) -> DecodedImage:
+    """A Pillow image in memory, by the rules its file would follow (EXIF orientation applied, ``img``
+    itself left as it is); every failure raises ImageError."""
+    check_size(name, *img.size, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _pillow_pixels(img, b"", name, min_size, draft=False)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise _as_image_error(name, e) from e
+
+
+def decode_array(array: np.ndarray, *, name: str = "<array>", max_pixels: int = MAX_PIXELS,
+                 min_size: int | None = None) -> DecodedImage:
+    """A numpy image by the rules a file of the same samples follows: (H, W) grey of any integer,
+    boolean or floating type (uint8 as an 8-bit file, uint16 as a 16-bit PNG, float as a float TIFF),
+    (H, W, 3) RGB or (H, W, 4) RGBA (alpha dropped). Every failure raises ImageError."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        hint = "; channels first? use np.moveaxis(a, 0, -1)" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""
+        raise ImageError(name, f"array of shape {a.shape}: expected (H, W) grey, (H, W, 3) RGB or (H, W, 4) "
+                               f"RGBA{hint}")
+    if a.dtype.kind not in "biuf":
+        raise ImageError(name, f"array of dtype {a.dtype}: expected integer, boolean or floating-point samples")
+    if a.size == 0:
+        raise ImageError(name, f"empty array (shape {a.shape})")
+    check_size(name, a.shape[1], a.shape[0], max_pixels)
+    if a.dtype.kind == "f" and not np.isfinite(a).any():
+        raise ImageError(name, "array holds no finite value (all NaN or infinite)")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * np.uint8(255)  # as a 1-bit file: False black, True white
+    if a.ndim == 3 and a.dtype != np.uint8:
+        return _wide_colour(a, name)
+    return decode_pil(Image.fromarray(_pillow_samples(a)), name=name, max_pixels=max_pixels, min_size=min_size)
+
+
+def _pillow_samples(a: np.ndarray) -> np.ndarray:
+    """``a`` in a type Pillow holds without loss: uint8 (L, RGB, RGBA), uint16 (I;16), int32 (I), float32 (F)."""
+    if a.dtype in (np.uint8, np.uint16):
+        return a
+    if a.dtype.kind in "iu" and int(a.min()) >= -(2**31) and int(a.max()) < 2**31:
+        return a.astype(np.int32)
+    return a.astype(np.float32)
+
+
+def _wide_colour(a: np.ndarray, name: str) -> DecodedImage:
+    """Colour samples wider than 8 bits: the grey-level rules over all three channels together."""
+    rgb = a[..., :3].astype(np.float32)
+    finite = np.isfinite(rgb)
+    values = rgb[finite]
+    is_float = a.dtype.kind == "f"
+    black, white = levels(float(values.min()), float(values.max()), is_float=is_float,
+                          integral=bool(np.all(values == np.round(values))))
+    span = white - black
+    scaled = (np.where(finite, rgb, np.float32(black)) - black) / span if span > 0 else np.zeros_like(rgb)
+    bits = 32 if is_float else max(1, math.ceil(math.log2(span + 1))) if span > 0 else 8
+    return colour_image(scaled.astype(np.float32), a.shape[1], a.shape[0], "array", bits)
 
 
 def read_image_bytes(path: str | os.PathLike) -> bytes:
@@ -215,31 +284,37 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int, min_size: int | Non
         # Corrupt headers warn ("Truncated File Read"); our size check replaces DecompressionBombWarning.
         warnings.simplefilter("ignore")
         img = _open_pillow(data, label)
-        fmt = img.format or "?"
-        w, h = img.size
-        check_size(label, w, h, max_pixels)  # before any pixel is decoded
-        try:
-            if min_size and fmt == "JPEG" and w > 2 * min_size and h > 2 * min_size:
-                # Keep the mode (not 'L') so colorfulness survives for the OOD colour check.
-                img.draft(None, (min_size, min_size))
-            img.load()
-            grey = _levels_of(img, data) if img.mode in _WIDE_MODES else None  # at full resolution
-            _check_wide_colour(img, data, label)
-            img = _reduce_for(img, min_size)
-            loaded = img.size
-            img = ImageOps.exif_transpose(img) or img
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, MemoryError) as e:
-            raise ImageError(label, f"image too large to decode ({error_text(e)}); resize it first") from None
-        except Exception as e:
-            raise ImageError(label, f"truncated or corrupt {fmt}: {error_text(e)}") from None
-        if img.size != loaded:  # EXIF orientation 5-8 swapped the axes
-            w, h = h, w
-        if grey is not None:
-            arr, color, colorfulness, bits = _scale(img, grey[0], grey[1]), False, 0.0, grey[2]
-        else:
-            arr, color, colorfulness, bits = _pil_to_gray(img)
+        check_size(label, *img.size, max_pixels)  # before any pixel is decoded
+        return _pillow_pixels(img, data, label, min_size, draft=True)
+
+
+def _pillow_pixels(img: Image.Image, data: bytes, label: str, min_size: int | None, *, draft: bool) -> DecodedImage:
+    """The grey levels of an opened Pillow image. ``data``: its file's bytes, for what Pillow does not keep
+    (PNG sBIT), or b"" for an image in memory; ``draft``: let a JPEG decode at reduced size."""
+    fmt = img.format or ("?" if data else "in-memory")
+    w, h = img.size
+    try:
+        if draft and min_size and fmt == "JPEG" and w > 2 * min_size and h > 2 * min_size:
+            # Keep the mode (not 'L') so colorfulness survives for the OOD colour check.
+            img.draft(None, (min_size, min_size))
+        img.load()
+        grey = _levels_of(img, data) if img.mode in _WIDE_MODES else None  # at full resolution
+        _check_wide_colour(img, data, label)
+        img = _reduce_for(img, min_size)
+        loaded = img.size
+        img = ImageOps.exif_transpose(img) or img
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, MemoryError) as e:
+        raise ImageError(label, f"image too large to decode ({error_text(e)}); resize it first") from None
+    except Exception as e:
+        raise ImageError(label, f"truncated or corrupt {fmt}: {error_text(e)}") from None
+    if img.size != loaded:  # EXIF orientation 5-8 swapped the axes
+        w, h = h, w
+    if grey is not None:
+        arr, color, colorfulness, bits = _scale(img, grey[0], grey[1]), False, 0.0, grey[2]
+    else:
+        arr, color, colorfulness, bits = _pil_to_gray(img)
     return DecodedImage(_finish(arr), w, h, fmt, color, colorfulness, bits)
 
 

@@ -40,7 +40,46 @@ def _report(model: Model, y_true: list[str], preds: list[Prediction]) -> dict:
 def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, label_from_name: str | None = None,
              label_map: dict | None = None, output: str | os.PathLike | None = None, ood: bool = True,
              progress: Progress | None = None) -> EvalResult:
-    """Score every labelled image under ``data_dir`` and report metrics on all and on accepted images."""
+    """Score every labelled image under ``data_dir`` and report metrics on all and on accepted images.
+
+    Metrics are taken at the model's stored operating point: for a binary model sensitivity and
+    specificity (with confidence intervals), ROC AUC and the WHO triage verdict; for more classes
+    accuracy and per-class figures. ``accepted`` repeats them without the images the
+    out-of-distribution gate rejected.
+
+    Parameters
+    ----------
+    model : cxrlab.Model, str or os.PathLike
+        A loaded model, or the model directory to load.
+    data_dir : str or os.PathLike
+        Labelled images: one subfolder per class (names among the model's labels), or a flat
+        folder with ``label_from_name``.
+    label_from_name : str or None
+        Take the label from the file name instead of the folder: ``"nlm"`` (``_1`` abnormal,
+        ``_0`` normal) or a regular expression with a ``(?P<label>...)`` group.
+    label_map : dict of str to str, or None
+        Renames the labels that ``label_from_name`` extracts (``{"1": "abnormal"}``).
+    output : str, os.PathLike or None
+        Folder for ``metrics.json``, ``predictions.csv`` and ``report.html``. None: write nothing.
+        Refused, before any work, when it lies over, around or inside the data or the model.
+    ood : bool
+        Apply the out-of-distribution gate (rejected images count in ``n_rejected``).
+    progress : cxrlab.progress.Progress or None
+        Progress reporter (``TqdmProgress`` for a bar); None: silent.
+
+    Returns
+    -------
+    EvalResult
+        ``metrics`` (``all``, ``accepted``, ``n_images``, ``n_skipped``, ``n_rejected``,
+        ``internal_test``), ``predictions`` and ``true_labels`` of the scored images, ``skipped``
+        (path, reason) of unreadable files, and ``output_dir``.
+
+    Raises
+    ------
+    cxrlab.CxrlabError
+        When the data hold a class the model does not know, no image is readable, or ``output``
+        is unsafe.
+    """
     evaluate_arguments(**locals())  # before the model is loaded or any image read
     inputs, classes = [getattr(model, "directory", model), data_dir], model_labels(model)
     if output is not None:  # before any work: never over, around or inside the data or the model

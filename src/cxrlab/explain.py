@@ -19,7 +19,7 @@ from .embed import prepare, read_file
 from .errors import DataError, ImageError, ModelDirError
 from .fsutil import atomic_write_bytes
 from .outputs import check_output_dir, claim, made_by_cxrlab, model_labels
-from .predict import expand_paths
+from .predict import Model, expand_paths, load_model
 
 
 @dataclass
@@ -207,6 +207,50 @@ def explain_paths(model, paths, output_dir: str | os.PathLike, *,
         atomic_write_bytes(out / f"{stem}.npy", buf.getvalue())
         results.append(hm)
     return results
+
+
+@dataclass
+class ExplainResult:
+    heatmaps: list[Heatmap]  # one per readable image, in input order
+    skipped: list[tuple[str, str]]  # (path, reason) of each unreadable file
+    summary: dict  # border heat share over the heatmaps (see ``summary``)
+    output_dir: Path
+
+
+def explain(model, paths, output_dir: str | os.PathLike, *, trust_modified: bool = False) -> ExplainResult:
+    """Write a class activation map overlay for each image: where the model looked.
+
+    For each readable image, ``<stem>.png`` (the image with the map of the predicted class on top,
+    its score in the caption) and ``<stem>.npy`` (the raw (h, w) map, normalised to [0, 1]) go into
+    ``output_dir``; ``<stem>-2`` ... when two images share a name or the name is taken by a file
+    that cxrlab did not write.
+
+    Parameters
+    ----------
+    model : cxrlab.Model, str or os.PathLike
+        A loaded model, or the model directory to load.
+    paths : str, os.PathLike, or a list of them
+        Image files; folders are walked for image files.
+    output_dir : str or os.PathLike
+        Folder for the heatmaps (created). Refused, before any work, when it lies over, around or
+        inside the images or the model, or in a folder of class subfolders.
+    trust_modified : bool
+        When ``model`` is a directory: load it even if its files differ from their SHA-256 record
+        (see :func:`cxrlab.load_model`).
+
+    Returns
+    -------
+    ExplainResult
+        ``heatmaps`` (path, label, score and the map of each image), ``skipped`` (path, reason) of
+        unreadable files, ``summary`` (share of heat in the image border: a high share suggests the
+        model reads markers or borders rather than lungs) and ``output_dir``.
+    """
+    if not isinstance(model, Model):
+        check_output(output_dir, model, paths)  # before loading: a refused folder fails first
+        model = load_model(model, trust_modified=trust_modified)
+    skipped: list[tuple[str, str]] = []
+    heatmaps = explain_paths(model, paths, output_dir, skipped=skipped)
+    return ExplainResult(heatmaps, skipped, summary(heatmaps), Path(output_dir))
 
 
 def border_heat_share(cam: np.ndarray, border: float = 0.15) -> float:

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .decode import DecodedImage, looks_like_image_file
+from .decode import DecodedImage, decode_array, decode_pil, looks_like_image_file, resize
 from .embed import make_session, prepare, read_file
-from .errors import ImageError, ModelDirError
+from .errors import DataError, ImageError, ModelDirError
 from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files
 from .modelschema import INPUT_SIZE_RANGE, Invalid, show
 from .modelschema import labels as check_labels
@@ -154,37 +155,121 @@ class Model:
             preds.append(pred)
         return preds
 
-    def predict(self, paths, *, ood: bool = True, batch_size: int = 16) -> list[Prediction]:
-        """Predict every image file (folders are walked). Unreadable files get ``error`` set."""
-        files = expand_paths(paths if isinstance(paths, (list, tuple)) else [paths])
+    def predict(self, images, *, ood: bool = True, batch_size: int = 16) -> list[Prediction]:
+        """Predict each image: files, folders of image files, and images already in memory.
+
+        Parameters
+        ----------
+        images : str, os.PathLike, PIL.Image.Image, numpy.ndarray, or a list or tuple of them
+            One item or a list of items, which may be mixed. A path names an image file (JPEG, PNG,
+            BMP, TIFF, WebP, GIF, JPEG 2000 or DICOM) or a folder, walked for image files in sorted
+            order. A Pillow image or a numpy array (``(H, W)`` grey of any integer, boolean or
+            float type, or ``(H, W, 3)`` RGB / ``(H, W, 4)`` RGBA) is decoded by the rules a file of
+            the same samples follows: uint8 / 255, 16-bit data by their bit depth, float data in
+            0..1 as they are (see :mod:`cxrlab.decode`). A single 3-D array is one colour image;
+            pass a list for several images.
+        ood : bool
+            Apply the model's out-of-distribution gate: an image unlike the training images gets
+            ``ood=True`` and no ``label``.
+        batch_size : int
+            Images run through the network at once (memory versus speed).
+
+        Returns
+        -------
+        list of Prediction
+            One per file found or image given, in order. ``path`` is the file's path, or
+            ``"<PIL image I>"`` / ``"<array I>"`` for the item at position I of ``images``. An image
+            that cannot be used (unreadable file, bad array: wrong shape or type, empty, no finite
+            value) gets ``error`` set, and the others are still predicted.
+
+        Raises
+        ------
+        TypeError
+            For an item that is none of the above (the whole call fails: a programming error).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise DataError(f"predict: batch_size must be a whole number of at least 1, got {batch_size!r}")
+        items = _input_items(images)
         results: list[Prediction] = []
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            arrays, decoded, names, slots = [], [], [], []
-            chunk_preds: list[Prediction | None] = [None] * len(chunk)
-            for j, path in enumerate(chunk):
-                try:
-                    arr, img = prepare(read_file(path), self.input_size, path)
-                except ImageError as exc:
-                    chunk_preds[j] = Prediction(path, error=exc.reason)
-                    continue
-                arrays.append(arr)
-                decoded.append(img)
-                names.append(path)
-                slots.append(j)
-            for j, pred in zip(slots, self.predict_arrays(arrays, decoded, ood=ood, names=names)):
-                chunk_preds[j] = pred
-            results.extend(chunk_preds)
+        for start in range(0, len(items), batch_size):
+            results.extend(self._predict_items(items[start : start + batch_size], ood))
         return results
+
+    def _predict_items(self, items: list[tuple[str, object]], ood: bool) -> list[Prediction]:
+        preds: list[Prediction | None] = [None] * len(items)
+        arrays, decoded, names, slots = [], [], [], []
+        for j, (name, source) in enumerate(items):
+            try:
+                arr, img = self._prepare(source, name)
+            except ImageError as exc:
+                preds[j] = Prediction(name, error=exc.reason)
+                continue
+            arrays.append(arr)
+            decoded.append(img)
+            names.append(name)
+            slots.append(j)
+        for j, pred in zip(slots, self.predict_arrays(arrays, decoded, ood=ood, names=names)):
+            preds[j] = pred
+        return preds
+
+    def _prepare(self, source, name: str) -> tuple[np.ndarray, DecodedImage]:
+        """The network's (size, size) input and the decoded image, from a path or an image in memory."""
+        if isinstance(source, str):
+            return prepare(read_file(source), self.input_size, name)
+        decode = decode_pil if isinstance(source, Image.Image) else decode_array
+        img = decode(source, name=name, min_size=self.input_size)
+        try:
+            return resize(img.pixels, self.input_size), img
+        except MemoryError:
+            raise ImageError(name, f"out of memory resizing a {img.width} x {img.height} image") from None
 
     def predict_bytes(self, data: bytes, name: str = "upload", *, ood: bool = True) -> Prediction:
         arr, img = prepare(data, self.input_size, name)
         return self.predict_arrays([arr], [img], ood=ood, names=[name])[0]
 
 
-def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, **kwargs) -> Model:
-    """Load a model directory; ``trust_modified=True`` (CLI --trust-modified-model) skips the SHA-256 check."""
-    return Model(directory, trust_modified=trust_modified, **kwargs)
+def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, threads: int | None = None) -> Model:
+    """Load a model directory written by :func:`cxrlab.train`.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        The model directory (``model.onnx``, ``labels.txt``, ``cxrlab.json`` and their SHA-256 record).
+    trust_modified : bool
+        Load a directory whose files differ from their SHA-256 record anyway, with a warning on
+        stderr (CLI ``--trust-modified-model``); every value is still validated.
+    threads : int or None
+        ONNX Runtime intra-op threads. None: one per core.
+
+    Returns
+    -------
+    Model
+        Call :meth:`Model.predict` on it.
+
+    Raises
+    ------
+    cxrlab.ModelDirError
+        When the directory is missing, modified (without ``trust_modified``), or holds an invalid value.
+    """
+    return Model(directory, trust_modified=trust_modified, threads=threads)
+
+
+def _input_items(images) -> list[tuple[str, object]]:
+    """(name, source) per image: folders walked into their files (sources: path strings), images in memory as
+    given, named by their position in ``images``."""
+    given = list(images) if isinstance(images, (list, tuple)) else [images]
+    items: list[tuple[str, object]] = []
+    for i, item in enumerate(given):
+        if isinstance(item, (str, os.PathLike)):
+            items.extend((path, path) for path in expand_paths([item]))
+        elif isinstance(item, Image.Image):
+            items.append((f"<PIL image {i}>", item))
+        elif isinstance(item, np.ndarray):
+            items.append((f"<array {i}>", item))
+        else:
+            raise TypeError(f"predict: item {i} is a {type(item).__name__}; expected a file or folder path, "
+                            "a PIL image or a numpy array")
+    return items
 
 
 def _static_dim(session, output: str) -> int | None:

@@ -369,7 +369,7 @@ def _heatmaps_of(model, rows, labels, image_root, notes) -> dict:
 def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
     """Class activation maps of the test rows (each of its predicted class): a border-heat summary and
     overlay groups. None when there is no saved model or no test row."""
-    from . import explain
+    from .explain import overlay_png, summary as heat_summary
     from .predict import load_model
 
     test = [r for r in rows if r.get("split") == "test" and r.get("true_label") in labels
@@ -382,8 +382,8 @@ def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
     except CxrlabError as exc:
         notes.append(f"no heatmaps: {exc}")
         return None
-    summary = {**explain.summary([heat[id(r)][0] for r in todo if id(r) in heat]), "n_test": len(test)}
-    figures = [(title, [(r["path"], _overlay_caption(r, heat[id(r)][0]), explain.overlay_png(*heat[id(r)]))
+    summary = {**heat_summary([heat[id(r)][0] for r in todo if id(r) in heat]), "n_test": len(test)}
+    figures = [(title, [(r["path"], _overlay_caption(r, heat[id(r)][0]), overlay_png(*heat[id(r)]))
                         for r in group if id(r) in heat]) for title, group in groups]
     return {"summary": summary, "groups": figures}
 

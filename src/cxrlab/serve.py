@@ -93,10 +93,10 @@ def _jsonable(x):
 
 def _load_heatmapper():
     try:
-        from . import explain
+        from .explain import prediction_overlay_png
     except ImportError:
         return None
-    return getattr(explain, "prediction_overlay_png", None)
+    return prediction_overlay_png
 
 
 def verdict(model: Model, pred) -> str:

@@ -10,11 +10,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .validate import train_arguments
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
 from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, softmax
@@ -29,13 +28,20 @@ from .modeldir import model_info, save_model
 from .outputs import RUN_FILES, OutputError, check_not_input, check_output_dir, claim, folder_classes
 from .progress import Progress
 from .split import Manifest, split_samples
+from .validate import train_arguments
+
+if TYPE_CHECKING:
+    from .finetune import FineTuneOptions
 
 OOD_SHIFT_IMAGES = 160  # training images whose site-shifted copies widen the OOD gate's notion of genuine
 
 
 @dataclass
 class TrainOptions:
-    """Every option of ``train`` (the retrain tutorial's flags and cxrlab's own), with its default."""
+    """Every option of :func:`train` (the retrain tutorial's flags and cxrlab's own), with its default.
+
+    The single home of the defaults: ``train``'s keyword defaults are read from here, and its docstring
+    documents each field."""
 
     output: str | os.PathLike | None = None
     backbone: str = "efficientnet-lite0"
@@ -69,7 +75,7 @@ class TrainOptions:
     progress: Progress | None = None
     fine_tune: bool = False
     epochs: int = 8
-    fine_tune_options: object = None  # finetune.FineTuneOptions; None: its defaults with ``epochs``
+    fine_tune_options: FineTuneOptions | None = None  # None: FineTuneOptions(epochs=epochs)
     on_epoch: Callable[[dict], None] | None = None
     summaries_dir: str | os.PathLike | None = None
     precision: str = "fp32"
@@ -109,9 +115,160 @@ class TrainResult:
     seconds: float | None = None  # wall time; kept out of metrics.json so that it is reproducible
 
 
-def train(image_dir: str | os.PathLike, **options) -> TrainResult:
-    """Train a classifier on the images under ``image_dir`` and save a model directory (options: TrainOptions)."""
-    o = TrainOptions(**options)
+_DEFAULT = TrainOptions()  # train()'s keyword defaults are read from here: written once
+
+
+def train(
+    image_dir: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = _DEFAULT.output,
+    backbone: str = _DEFAULT.backbone,
+    bottleneck_dir: str | os.PathLike | None = _DEFAULT.bottleneck_dir,
+    label_from_name: str | None = _DEFAULT.label_from_name,
+    label_map: dict[str, str] | None = _DEFAULT.label_map,
+    group_regex: str | None = _DEFAULT.group_regex,
+    split_file: str | os.PathLike | None = _DEFAULT.split_file,
+    testing_percentage: float = _DEFAULT.testing_percentage,
+    validation_percentage: float = _DEFAULT.validation_percentage,
+    solver: str = _DEFAULT.solver,
+    how_many_training_steps: int = _DEFAULT.how_many_training_steps,
+    learning_rate: float = _DEFAULT.learning_rate,
+    train_batch_size: int = _DEFAULT.train_batch_size,
+    eval_step_interval: int = _DEFAULT.eval_step_interval,
+    validation_batch_size: int = _DEFAULT.validation_batch_size,
+    test_batch_size: int = _DEFAULT.test_batch_size,
+    positive_label: str | None = _DEFAULT.positive_label,
+    operating_point: str = _DEFAULT.operating_point,
+    robust_operating_point: bool = _DEFAULT.robust_operating_point,
+    calibration: str = _DEFAULT.calibration,
+    flip_left_right: bool = _DEFAULT.flip_left_right,
+    random_crop: float = _DEFAULT.random_crop,
+    random_scale: float = _DEFAULT.random_scale,
+    random_brightness: float = _DEFAULT.random_brightness,
+    distortion_copies: int = _DEFAULT.distortion_copies,
+    ood: bool = _DEFAULT.ood,
+    report: bool = _DEFAULT.report,
+    seed: int = _DEFAULT.seed,
+    on_step: Callable[[StepInfo], None] | None = _DEFAULT.on_step,
+    progress: Progress | None = _DEFAULT.progress,
+    fine_tune: bool = _DEFAULT.fine_tune,
+    epochs: int = _DEFAULT.epochs,
+    fine_tune_options: FineTuneOptions | None = _DEFAULT.fine_tune_options,
+    on_epoch: Callable[[dict], None] | None = _DEFAULT.on_epoch,
+    summaries_dir: str | os.PathLike | None = _DEFAULT.summaries_dir,
+    precision: str = _DEFAULT.precision,
+    workers: int | None = _DEFAULT.workers,
+    batch_size: int = _DEFAULT.batch_size,
+) -> TrainResult:
+    """Train a classifier on the images under ``image_dir`` and save a model directory.
+
+    The recipe: discover the images, split them (train / validation / test), embed them with a
+    pretrained backbone (cached), fit a linear head (or fine-tune end to end), calibrate and choose
+    the operating point on validation, evaluate on test, fit the out-of-distribution gate, save.
+
+    Parameters
+    ----------
+    image_dir : str or os.PathLike
+        Folder with one subfolder per class (``lungs/normal``, ``lungs/abnormal``), or a flat folder
+        with ``label_from_name``.
+    output : str, os.PathLike or None
+        Model directory to write. None: ``runs/<timestamp>/model`` with the run's report beside it.
+    backbone : str
+        ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``, ``inception-v3`` (see
+        :func:`cxrlab.list_backbones`) or ``onnx:PATH`` for your own ONNX feature extractor.
+    bottleneck_dir : str, os.PathLike or None
+        Embedding cache folder. None: the per-user cache (``CXRLAB_CACHE_DIR``).
+    label_from_name : str or None
+        Take the label from the file name instead of the folder: ``"nlm"`` (``_1`` abnormal, ``_0``
+        normal) or a regular expression with a ``(?P<label>...)`` group.
+    label_map : dict of str to str, or None
+        Renames the labels that ``label_from_name`` extracts (``{"1": "abnormal"}``).
+    group_regex : str or None
+        Regular expression on the relative path whose ``(?P<group>...)`` group names the patient;
+        one patient's images then stay in one split.
+    split_file : str, os.PathLike or None
+        A split manifest (``split.csv`` of an earlier run) to reuse; new images are assigned afresh.
+    testing_percentage : float
+        Percentage of the images held out for the test figures.
+    validation_percentage : float
+        Percentage used for calibration, the operating point and model selection.
+    solver : str
+        ``"lbfgs"``: regularised logistic regression; ``"sgd"``: the retrain tutorial's
+        mini-batch gradient descent.
+    how_many_training_steps : int
+        Iterations of the solver.
+    learning_rate : float
+        Learning rate of the ``"sgd"`` solver.
+    train_batch_size : int
+        Images per step of the ``"sgd"`` solver.
+    eval_step_interval : int
+        Steps between two ``on_step`` reports (training and validation accuracy).
+    validation_batch_size : int
+        Validation images measured at each report (-1: all).
+    test_batch_size : int
+        Test images scored for the final figures (-1: all).
+    positive_label : str or None
+        The class that counts as positive for a binary model. None: ``"abnormal"`` when present,
+        else the second class (with a note).
+    operating_point : str
+        Rule for the decision threshold, chosen on validation: ``"who"`` (sensitivity >= 90%,
+        then the best specificity), ``"youden"``, ``"argmax"``, ``"sensitivity=0.9"`` or
+        ``"specificity=0.7"`` (a fraction, or a percentage with ``%``).
+    robust_operating_point : bool
+        Choose the threshold on the validation images under simulated site shifts as well (more
+        conservative).
+    calibration : str
+        ``"auto"`` (Platt for a fine-tuned binary model, else temperature), ``"temperature"``,
+        ``"platt"`` or ``"none"``.
+    flip_left_right : bool
+        The tutorial's distortion: random horizontal flips of the training images.
+    random_crop : float
+        The tutorial's distortion: percentage of random cropping margin.
+    random_scale : float
+        The tutorial's distortion: percentage of random enlargement.
+    random_brightness : float
+        The tutorial's distortion: percentage of random brightness change.
+    distortion_copies : int
+        Distorted copies of each training image when a distortion is on.
+    ood : bool
+        Fit the out-of-distribution gate that rejects images unlike the training images.
+    report : bool
+        Write ``report.html`` (and its figures) into the run folder.
+    seed : int
+        Seed of every random choice; the same seed and data give the same model.
+    on_step : callable or None
+        Called with a :class:`cxrlab.head.StepInfo` at each evaluation step (the tutorial's lines).
+    progress : cxrlab.progress.Progress or None
+        Progress reporter (``TqdmProgress`` for bars); None: silent.
+    fine_tune : bool
+        Fine-tune the backbone end to end in torch (slower, usually more accurate).
+    epochs : int
+        Fine-tuning epochs when ``fine_tune_options`` is None.
+    fine_tune_options : cxrlab.finetune.FineTuneOptions or None
+        Every fine-tuning choice. None: ``FineTuneOptions(epochs=epochs)``.
+    on_epoch : callable or None
+        Called with each fine-tuning epoch's row (``epoch``, ``loss``, ``val_auc``, ...).
+    summaries_dir : str, os.PathLike or None
+        Also write TensorBoard scalars here (needs the ``tensorboard`` package).
+    precision : str
+        ``"fp32"``, or ``"int8"`` for a quantised backbone calibrated on training images.
+    workers : int or None
+        Decoding threads. None: up to 4, one per core.
+    batch_size : int
+        Images per ONNX Runtime batch while embedding.
+
+    Returns
+    -------
+    TrainResult
+        ``model_dir`` (load it with :func:`cxrlab.load_model`), ``run_dir``, ``labels``, ``metrics``
+        (test figures at the operating point), ``skipped`` files and ``notes``.
+
+    Raises
+    ------
+    cxrlab.CxrlabError
+        On a bad option, unusable data or an unsafe output folder, before any lengthy work where possible.
+    """
+    o = TrainOptions(**{name: value for name, value in locals().items() if name != "image_dir"})
     train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
     started = time.time()
     run_dir, model_dir = _output_dirs(o.output, [image_dir], o.summaries_dir, o.bottleneck_dir)

@@ -43,95 +43,159 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
     """Fine-tune ``spec``'s network end to end on in-memory images; returns the best epoch's module and head.
 
     ``X_*``: (N, H, W) uint8 (or float in [0, 1]) gray images, square, at or a bit above the input size.
+    ``epochs``, ``batch_size``, ``lr`` and ``augment`` override the fields of ``options``.
     """
     torch = torch_module()
-    opts = copy.deepcopy(options) if options is not None else FineTuneOptions()
-    if epochs is not None:
-        opts.epochs = epochs
-    if batch_size is not None:
-        opts.batch_size = batch_size
-    if lr is not None:
-        opts.lr = lr
-    if augment is not None:
-        opts.augment = augment
-    if spec.builder is None:
-        raise DataError(f"backbone '{spec.name}' cannot be fine-tuned (no torch builder); use a registry backbone")
+    opts = _with_overrides(options, epochs=epochs, batch_size=batch_size, lr=lr, augment=augment)
     y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
-    if len(np.unique(y_train)) < 2:
-        raise DataError("fine-tuning needs at least two classes in the training split")
-    k = int(max(y_train.max(), y_val.max() if len(y_val) else 0) + 1)
-    size = opts.input_size or spec.input_size
+    _check_trainable(spec, y_train)
     progress = resolve(progress)
     started = time.time()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     try:
-        gen = torch.Generator().manual_seed(seed)
-        # channels_last: oneDNN's fast path for these convolutions on CPU (measured 1.9x per training step)
-        module = wrap(spec.builder(spec, Path(weights_path)), make_intensity(opts.intensity, size)).to(
-            memory_format=torch.channels_last)
-        Xtr, Xva = to_tensor(X_train), to_tensor(X_val)
-        Xva = resize_to(Xva, size) if len(Xva) else Xva
-        head = torch.nn.Linear(spec.embed_dim, k)
-        if opts.bn_momentum > 0:
-            for m in module.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.momentum = opts.bn_momentum
-        units = network_units(module.backbone)
-        n_train = len(units) if opts.trainable_units < 0 else min(opts.trainable_units, len(units))
-        frozen, trainable = units[: len(units) - n_train], units[len(units) - n_train :]
-        for unit in frozen:
-            for m in unit:
-                m.requires_grad_(False)
+        run = _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts, seed)
+        history = [_warm_up_head(run, seed, progress)] if opts.warmup_head else []
+        best = _train_epochs(run, history, on_epoch, progress)
+        run.load(best.weights)
+        run.set_mode(train=False)
+        W, b = (p.detach().numpy().astype(np.float32).copy() for p in (run.head.weight, run.head.bias))
+        return FineTuneResult(run.module, W, b, history, best.epoch, round(time.time() - started, 1))
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
 
-        def set_mode(train: bool):
-            module.eval()
-            if train:
-                for unit in trainable:
-                    for m in unit:
-                        m.train()
-            if opts.freeze_bn or not train:
-                for m in module.modules():
-                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                        m.eval()
 
-        def embed(X, bs=32):
-            set_mode(False)
-            out = []
-            with torch.no_grad():
-                for i in range(0, len(X), bs):
-                    out.append(module(channels_last(resize_to(X[i : i + bs], size)))[0])
-            return torch.cat(out) if out else torch.zeros(0, spec.embed_dim)
+def _with_overrides(options: FineTuneOptions | None, **overrides) -> FineTuneOptions:
+    opts = copy.deepcopy(options) if options is not None else FineTuneOptions()
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(opts, name, value)
+    return opts
 
-        history: list[dict] = []
-        # 1. head warm-up on frozen embeddings (the linear path's regularised logistic regression)
-        if opts.warmup_head:
-            from ..head import LinearHead, select_C
 
-            progress.start(len(Xtr) + len(Xva), "fine-tune: head warm-up (frozen embeddings)")
-            E_tr = embed(Xtr).numpy()
-            E_va = embed(Xva).numpy() if len(Xva) else np.zeros((0, spec.embed_dim), np.float32)
-            progress.advance(len(Xtr) + len(Xva))
-            progress.close()
-            C, _ = select_C(E_tr, y_train, E_va, y_val, seed=seed)
-            lin = LinearHead(C=C, seed=seed).fit(E_tr, y_train)
-            with torch.no_grad():
-                head.weight.copy_(torch.from_numpy(lin.coef_))
-                head.bias.copy_(torch.from_numpy(lin.intercept_))
-            p_va = lin.predict_proba(E_va)[:, -1] if len(E_va) else np.zeros(0)
-            history.append({"epoch": 0, "stage": "head warm-up", "C": C,
-                            "val_auc": _auc(y_val == k - 1, p_va) if k == 2 and len(E_va) else None})
+def _check_trainable(spec, y_train: np.ndarray) -> None:
+    if spec.builder is None:
+        raise DataError(f"backbone '{spec.name}' cannot be fine-tuned (no torch builder); use a registry backbone")
+    if len(np.unique(y_train)) < 2:
+        raise DataError("fine-tuning needs at least two classes in the training split")
 
-        # 2. all (or the last N) units with layer-wise learning rates
-        groups = [{"params": list(head.parameters()), "lr": opts.lr * opts.head_lr_mult, "name": "head"}]
-        for depth, unit in enumerate(reversed(trainable)):
+
+@dataclass
+class _Run:
+    """What one fine-tuning run works on: the network, the head, the data and the seeded generator."""
+
+    opts: FineTuneOptions
+    size: int  # the network's input side
+    embed_dim: int
+    module: object  # the wrapped backbone
+    head: object  # torch.nn.Linear(embed_dim, k)
+    trainable: list  # the units being trained, from the input side; the earlier ones are frozen
+    Xtr: object  # (N, 1, H, W) tensors
+    Xva: object
+    y_train: np.ndarray
+    y_val: np.ndarray
+    k: int  # number of classes
+    gen: object  # torch.Generator: the shuffling and augmentation randomness
+
+    def set_mode(self, *, train: bool) -> None:
+        bn = torch_module().nn.modules.batchnorm._BatchNorm
+        self.module.eval()
+        if train:
+            for unit in self.trainable:
+                for m in unit:
+                    m.train()
+        if self.opts.freeze_bn or not train:
+            for m in self.module.modules():
+                if isinstance(m, bn):
+                    m.eval()
+
+    def embed(self, X, bs: int = 32):
+        """Embeddings of images ``X`` in eval mode, without gradients."""
+        torch = torch_module()
+        self.set_mode(train=False)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(X), bs):
+                out.append(self.module(channels_last(resize_to(X[i : i + bs], self.size)))[0])
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.module.state_dict()), copy.deepcopy(self.head.state_dict())
+
+    def load(self, weights: tuple[dict, dict]) -> None:
+        self.module.load_state_dict(weights[0])
+        self.head.load_state_dict(weights[1])
+
+
+def _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts: FineTuneOptions, seed: int) -> _Run:
+    """The network (early units frozen), a fresh head, the images as tensors. Called after seeding torch:
+    the order of these steps fixes the initial weights."""
+    torch = torch_module()
+    size = opts.input_size or spec.input_size
+    k = int(max(y_train.max(), y_val.max() if len(y_val) else 0) + 1)
+    gen = torch.Generator().manual_seed(seed)
+    # channels_last: oneDNN's fast path for these convolutions on CPU (measured 1.9x per training step)
+    module = wrap(spec.builder(spec, Path(weights_path)), make_intensity(opts.intensity, size)).to(
+        memory_format=torch.channels_last)
+    Xtr, Xva = to_tensor(X_train), to_tensor(X_val)
+    Xva = resize_to(Xva, size) if len(Xva) else Xva
+    head = torch.nn.Linear(spec.embed_dim, k)
+    if opts.bn_momentum > 0:
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = opts.bn_momentum
+    units = network_units(module.backbone)
+    n_train = len(units) if opts.trainable_units < 0 else min(opts.trainable_units, len(units))
+    for unit in units[: len(units) - n_train]:
+        for m in unit:
+            m.requires_grad_(False)
+    return _Run(opts, size, spec.embed_dim, module, head, units[len(units) - n_train :], Xtr, Xva, y_train, y_val,
+                k, gen)
+
+
+def _warm_up_head(run: _Run, seed: int, progress: Progress) -> dict:
+    """The linear path's regularised logistic regression on frozen embeddings, copied into the head;
+    returns the history row (epoch 0)."""
+    from ..head import LinearHead, select_C
+
+    torch = torch_module()
+    n = len(run.Xtr) + len(run.Xva)
+    progress.start(n, "fine-tune: head warm-up (frozen embeddings)")
+    E_tr = run.embed(run.Xtr).numpy()
+    E_va = run.embed(run.Xva).numpy() if len(run.Xva) else np.zeros((0, run.embed_dim), np.float32)
+    progress.advance(n)
+    progress.close()
+    C, _ = select_C(E_tr, run.y_train, E_va, run.y_val, seed=seed)
+    lin = LinearHead(C=C, seed=seed).fit(E_tr, run.y_train)
+    with torch.no_grad():
+        run.head.weight.copy_(torch.from_numpy(lin.coef_))
+        run.head.bias.copy_(torch.from_numpy(lin.intercept_))
+    p_va = lin.predict_proba(E_va)[:, -1] if len(E_va) else np.zeros(0)
+    return {"epoch": 0, "stage": "head warm-up", "C": C,
+            "val_auc": _auc(run.y_val == run.k - 1, p_va) if run.k == 2 and len(E_va) else None}
+
+
+@dataclass
+class _Optimiser:
+    """AdamW over layer-wise learning rates, its schedule, the loss, dropout and the optional weight average."""
+
+    opt: object
+    sched: object
+    loss_fn: object
+    dropout: object
+    ema: "_Ema | None"
+
+    @classmethod
+    def of(cls, run: _Run) -> "_Optimiser":
+        torch, opts = torch_module(), run.opts
+        groups = [{"params": list(run.head.parameters()), "lr": opts.lr * opts.head_lr_mult, "name": "head"}]
+        for depth, unit in enumerate(reversed(run.trainable)):
             params = [p for m in unit for p in m.parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": opts.lr * opts.layer_decay ** depth, "name": f"unit-{depth}"})
         opt = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
-        steps_per_epoch = max(1, math.ceil(len(Xtr) / opts.batch_size))
-        total = max(1, opts.epochs * steps_per_epoch)
+        total = max(1, opts.epochs * max(1, math.ceil(len(run.Xtr) / opts.batch_size)))
         if opts.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total,
                                                         pct_start=0.2, anneal_strategy="cos")
@@ -139,71 +203,96 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         else:
             raise DataError(f"unknown schedule {opts.schedule!r}; use onecycle or cosine")
-        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
-        dropout = torch.nn.Dropout(opts.dropout)
-        ytr_t = torch.from_numpy(y_train)
-        best = {"auc": -1.0, "loss": float("inf"), "epoch": 0,
-                "state": copy.deepcopy(module.state_dict()), "head": copy.deepcopy(head.state_dict())}
-        if history and history[0]["val_auc"] is not None:
-            best["auc"] = history[0]["val_auc"]
-        bad = 0
-        last = ""
-        ema = _Ema(module, head, opts.ema) if opts.ema > 0 else None
-        for epoch in range(1, opts.epochs + 1):
-            set_mode(True)
-            order = torch.randperm(len(Xtr), generator=gen)
-            progress.start(len(Xtr), f"fine-tune epoch {epoch}/{opts.epochs}{last}")
-            losses, correct = [], 0
-            for i in range(0, len(Xtr), opts.batch_size):
-                idx = order[i : i + opts.batch_size]
-                xb = channels_last(augment_batch(Xtr[idx], size, opts.augment, gen))
-                emb = module(xb)[0]
-                logits = head(dropout(emb))
-                loss = loss_fn(logits, ytr_t[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update()
-                losses.append(float(loss.detach()))
-                correct += int((logits.argmax(1) == ytr_t[idx]).sum())
-                progress.advance(len(idx))
-            progress.close()
-            row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": correct / len(Xtr)}
-            live = ema.swap_in() if ema is not None else None  # evaluate (and keep) the averaged weights
-            if len(Xva):
-                with torch.no_grad():
-                    lv = head(embed(Xva))
-                    pv = torch.softmax(lv, 1).numpy()
-                    row["val_loss"] = float(torch.nn.functional.cross_entropy(lv, torch.from_numpy(y_val)))
-                row["val_accuracy"] = float(np.mean(pv.argmax(1) == y_val))
-                row["val_auc"] = _auc(y_val == k - 1, pv[:, k - 1]) if k == 2 else None
-            score = row.get("val_auc") if row.get("val_auc") is not None else -row.get("val_loss", -epoch)
-            improved = score > best["auc"] + 1e-9 or (abs(score - best["auc"]) <= 1e-9 and row.get("val_loss", 0) < best["loss"])
-            if improved or not len(Xva):
-                best.update(auc=score, loss=row.get("val_loss", float("inf")), epoch=epoch,
-                            state=copy.deepcopy(module.state_dict()), head=copy.deepcopy(head.state_dict()))
-                bad = 0
-            else:
-                bad += 1
-            row["best"] = best["epoch"] == epoch
-            if live is not None:
-                ema.swap_out(live)
-            history.append(row)
-            last = f" (last: loss {row['loss']:.3f}" + (f", val AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else "") + ")"
-            if on_epoch is not None:
-                on_epoch(row)
-            if opts.patience > 0 and bad >= opts.patience:
-                break
-        module.load_state_dict(best["state"])
-        head.load_state_dict(best["head"])
-        set_mode(False)
-        return FineTuneResult(module, head.weight.detach().numpy().astype(np.float32).copy(),
-                              head.bias.detach().numpy().astype(np.float32).copy(), history, best["epoch"],
-                              round(time.time() - started, 1))
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+        return cls(opt, sched, torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing),
+                   torch.nn.Dropout(opts.dropout), _Ema(run.module, run.head, opts.ema) if opts.ema > 0 else None)
+
+    def step(self, run: _Run, xb, yb) -> tuple[float, int]:
+        """One gradient step on a batch; returns its loss and number of correct answers."""
+        logits = run.head(self.dropout(run.module(xb)[0]))
+        loss = self.loss_fn(logits, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update()
+        return float(loss.detach()), int((logits.argmax(1) == yb).sum())
+
+
+def _train_epochs(run: _Run, history: list[dict], on_epoch, progress: Progress) -> "_Best":
+    """Train epoch after epoch, keeping the best (early stopping after ``patience`` epochs without progress)."""
+    optimiser = _Optimiser.of(run)
+    best = _Best(run, history[0]["val_auc"] if history else None)
+    last = ""
+    for epoch in range(1, run.opts.epochs + 1):
+        row = _train_one_epoch(run, optimiser, epoch, f"fine-tune epoch {epoch}/{run.opts.epochs}{last}", progress)
+        live = optimiser.ema.swap_in() if optimiser.ema is not None else None  # evaluate (and keep) the average
+        _validate(run, row)
+        best.consider(run, row)
+        if live is not None:
+            optimiser.ema.swap_out(live)
+        history.append(row)
+        last = f" (last: loss {row['loss']:.3f}" + (
+            f", val AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else "") + ")"
+        if on_epoch is not None:
+            on_epoch(row)
+        if run.opts.patience > 0 and best.epochs_without_progress >= run.opts.patience:
+            break
+    return best
+
+
+def _train_one_epoch(run: _Run, optimiser: _Optimiser, epoch: int, title: str, progress: Progress) -> dict:
+    """One pass over the shuffled, augmented training images; returns the epoch's history row."""
+    torch = torch_module()
+    run.set_mode(train=True)
+    order = torch.randperm(len(run.Xtr), generator=run.gen)
+    y = torch.from_numpy(run.y_train)
+    progress.start(len(run.Xtr), title)
+    losses, correct = [], 0
+    for i in range(0, len(run.Xtr), run.opts.batch_size):
+        idx = order[i : i + run.opts.batch_size]
+        xb = channels_last(augment_batch(run.Xtr[idx], run.size, run.opts.augment, run.gen))
+        loss, right = optimiser.step(run, xb, y[idx])
+        losses.append(loss)
+        correct += right
+        progress.advance(len(idx))
+    progress.close()
+    return {"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": correct / len(run.Xtr)}
+
+
+def _validate(run: _Run, row: dict) -> None:
+    """Add the validation loss, accuracy and (two classes) AUC to ``row``; nothing without validation images."""
+    if not len(run.Xva):
+        return
+    torch = torch_module()
+    with torch.no_grad():
+        lv = run.head(run.embed(run.Xva))
+        pv = torch.softmax(lv, 1).numpy()
+        row["val_loss"] = float(torch.nn.functional.cross_entropy(lv, torch.from_numpy(run.y_val)))
+    row["val_accuracy"] = float(np.mean(pv.argmax(1) == run.y_val))
+    row["val_auc"] = _auc(run.y_val == run.k - 1, pv[:, run.k - 1]) if run.k == 2 else None
+
+
+class _Best:
+    """The best epoch so far and a copy of its weights: the highest validation AUC (else the lowest validation
+    loss), a lower validation loss breaking a tie; without validation images, the latest epoch."""
+
+    def __init__(self, run: _Run, warm_up_auc: float | None):
+        self.score = warm_up_auc if warm_up_auc is not None else -1.0
+        self.loss, self.epoch, self.epochs_without_progress = float("inf"), 0, 0
+        self.weights = run.snapshot()
+
+    def consider(self, run: _Run, row: dict) -> None:
+        """Keep ``row``'s epoch if it is better; marks ``row["best"]``."""
+        score = row["val_auc"] if row.get("val_auc") is not None else -row.get("val_loss", -row["epoch"])
+        tie = abs(score - self.score) <= 1e-9 and row.get("val_loss", 0) < self.loss
+        if score > self.score + 1e-9 or tie or not len(run.Xva):
+            self.score, self.loss, self.epoch = score, row.get("val_loss", float("inf")), row["epoch"]
+            self.weights = run.snapshot()
+            self.epochs_without_progress = 0
+        else:
+            self.epochs_without_progress += 1
+        row["best"] = self.epoch == row["epoch"]
 
 
 class _Ema:
