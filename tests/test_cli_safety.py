@@ -95,9 +95,17 @@ def no_expensive_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise ExpensiveWorkStarted("expensive work started before the options were validated")
 
-    for target in ("cxrlab.training.discover", "cxrlab.training.create_backbone", "cxrlab.crossval.discover",
-                   "cxrlab.evaluate.Model", "cxrlab.evaluate.discover"):
-        monkeypatch.setattr(target, refuse)
+    for module, name in (("cxrlab.training", "discover"), ("cxrlab.training", "create_backbone"),
+                         ("cxrlab.crossval", "discover"), ("cxrlab.evaluate", "Model"),
+                         ("cxrlab.evaluate", "discover")):
+        monkeypatch.setattr(_module(module), name, refuse)
+
+
+def _module(name: str):
+    """The module itself: ``cxrlab.evaluate`` as an attribute of the package is the function."""
+    import importlib
+
+    return importlib.import_module(name)
 
 
 # ------------------------------------------------------------------ 1. option values: argparse, one line, status 2
@@ -482,9 +490,9 @@ def test_fuzz_option_values_never_crash(fuzz_env, command, data):
         raise Reached("reached the expensive work")
 
     with pytest.MonkeyPatch.context() as mp:
-        for target in ("cxrlab.training.create_backbone",  # cv embeds through training's steps too
-                       "cxrlab.evaluate.Model", "cxrlab.serve.serve"):
-            mp.setattr(target, reached)
+        for module, name in (("cxrlab.training", "create_backbone"),  # cv embeds through training's steps too
+                             ("cxrlab.evaluate", "Model"), ("cxrlab.serve", "serve")):
+            mp.setattr(_module(module), name, reached)
         rc, out, err = call(argv)
     assert_contract(rc, out, err)
     if "reached the expensive work" in err:

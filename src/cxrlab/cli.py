@@ -404,8 +404,13 @@ def run_site_shift(a) -> int:
 
 def run_serve(a) -> int:
     from .serve import serve
+    from .serve_limits import limits_from_options
 
-    serve(a.model, host=a.host, port=a.port, trust_modified=a.trust_modified_model)
+    limits = limits_from_options(max_upload_mb=a.max_upload_mb, max_request_mb=a.max_request_mb,
+                                 max_decode_mb=a.max_decode_mb, decode_budget_mb=a.decode_budget_mb,
+                                 request_timeout=a.request_timeout)
+    serve(a.model, host=a.host, port=a.port, allowed_hosts=a.allowed_host or (), trust_modified=a.trust_modified_model,
+          **limits)
     return 0
 
 
@@ -492,8 +497,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", run_serve, "a local web page and REST API")
     p.add_argument("--model", "-m", required=True)
     add_trust_option(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=v.port, default=8000, help="1 to 65535")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name clients use besides localhost and --host (repeatable; '*' allows any, "
+                        "which turns off the DNS-rebinding guard)")
+    p.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest file (default 32)")
+    p.add_argument("--max-request-mb", type=float, metavar="MB",
+                   help="largest request body, all files together (default 128)")
+    p.add_argument("--max-decode-mb", type=float, metavar="MB",
+                   help="memory one image may take to decode, estimated from its header (default 1024)")
+    p.add_argument("--decode-budget-mb", type=float, metavar="MB",
+                   help="decode memory of all images in flight together (default 2048)")
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="time allowed for a request body to arrive (default 60)")
     return parser
 
 

@@ -4,30 +4,47 @@
     POST /api/predict  multipart field ``files`` (one or many) -> {"results": [...]};
                        ``?heatmap=0`` skips the heatmaps (``heatmap_png`` is then null)
     GET  /api/model    the model card
-    GET  /healthz      {"status": "ok"}
+    GET  /healthz      {"status": "ok"} (HEAD too)
+    GET  /docs         a self-contained page listing the endpoints; /openapi.json is the schema.
+                       Swagger UI and ReDoc are off: FastAPI loads them from a CDN, and the server
+                       must work offline.
 
 Uploads are read from Starlette's spooled temporary files in chunks and never written anywhere
-else; client file names are only echoed back, never opened.
+else; client file names are only echoed back, never opened. Limits (``ServeLimits``): the request
+body is counted while it streams, before the multipart parser spools it (serve_http.RequestGuard);
+each image's decode memory is estimated from its header and admitted through a budget shared by
+all requests (serve_limits); Host and Origin are checked; slow clients are timed out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import html
+import inspect
 import logging
 import math
 import os
 import weakref
+from dataclasses import fields
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from .jsonutil import json_safe
 from .decode import decode_image, resize
 from .errors import ImageError
 from .predict import Model
+from .serve_http import (ANY_HOST, LOCAL_NAMES, RequestGuard, allowed_hosts_for, check_host_pattern,
+                         guarded_protocol, is_wildcard)
+from .serve_limits import DecodeBudget, Overloaded, ServeConfigError, ServeLimits, estimate_decode_bytes, size_text
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +58,10 @@ _TEST_KEYS = ("n", "n_positive", "n_negative", "threshold", "auc", "auc_ci", "se
               "brier", "ece", "ece_uncalibrated", "who_verdict", "macro_auc", "macro_sensitivity",
               "macro_specificity", "macro_f1")
 _CSP = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+_RETRY_AFTER_S = 5
+_mib = size_text
+# Names TestClient (Starlette's in-process client) sends; not resolvable by DNS, so no rebinding risk.
+_IN_PROCESS_NAMES = frozenset({"testserver"})
 
 
 class _Reject(Exception):
@@ -70,25 +91,10 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.4g} MiB" if n >= 2**20 else f"{n:,} bytes"
-
-
 def _clean_name(name: str | None, i: int) -> str:
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(c for c in base if c.isprintable())[:200]
     return base or f"upload{i + 1}"
-
-
-def _jsonable(x):
-    """NaN/inf (which strict JSON cannot carry) become null, recursively."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _load_heatmapper():
@@ -118,7 +124,7 @@ def model_card(model: Model) -> dict:
     test = {k: metrics["test"][k] for k in _TEST_KEYS if k in (metrics.get("test") or {})}
     bb = info.get("backbone") or {}
     ood = info.get("ood")
-    return _jsonable({
+    return json_safe({
         "labels": list(model.labels), "positive_label": model.positive_label, "threshold": model.threshold,
         "backbone": {k: bb[k] for k in ("id", "name", "input_size", "description", "license") if k in bb},
         "input_size": model.input_size,
@@ -131,47 +137,35 @@ def model_card(model: Model) -> dict:
     })
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse a request body larger than ``limit`` before it is all received."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        detail = f"request body is larger than the limit of {_mib(self.limit)}"
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:  # FastAPI re-raises HTTPException from body parsing as is
-                raise HTTPException(413, detail)
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def create_app(model_dir_or_model, *, max_upload_bytes: int = 32 * 2**20, max_pixels: int = 50_000_000,
-               max_files: int = 32, trust_modified: bool = False) -> FastAPI:
+def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool = False, **limits) -> FastAPI:
+    """The app for one model. ``limits`` are ServeLimits fields; ``allowed_hosts`` are the Host names
+    answered (default: loopback names; '*' answers any)."""
+    lim = ServeLimits(**limits)
+    try:
+        hosts = frozenset(LOCAL_NAMES | _IN_PROCESS_NAMES) if allowed_hosts is None else \
+            frozenset(check_host_pattern(h) for h in allowed_hosts)
+    except ValueError as exc:
+        raise ServeConfigError(f"serve: --allowed-host {exc}") from None
     # Parallelism comes from up to ``slots`` (one per CPU) requests inferring at once, so each ONNX Runtime
     # run gets one thread: threads per run on top oversubscribe the cores (benchmarks/serve.py, 2 CPUs,
     # 8 concurrent: 47 -> 69 req/s, p50 163 -> 108 ms; unchanged one request at a time).
     model = (model_dir_or_model if isinstance(model_dir_or_model, Model)
              else Model(model_dir_or_model, threads=1, trust_modified=trust_modified))
     heatmapper = _load_heatmapper()
-    slots = max(1, os.cpu_count() or 1)
-    semaphores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
+    slots = lim.inference_slots or max(1, os.cpu_count() or 1)
+    # Heavy images (a quarter of the per-image decode limit and up) may use only half the slots, so a
+    # client posting 50-megapixel images does not take every core from everyone else.
+    heavy_cost = lim.max_decode_bytes // 4
+    lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per event loop: (all slots, heavy slots)
+    budget = DecodeBudget(lim.decode_budget_bytes)
 
-    app = FastAPI(title="cxrlab", description=f"Chest X-ray classifier. {DISCLAIMER} Intended use: {INTENDED_USE}.")
-    app.add_middleware(_BodyLimit, limit=max_files * max_upload_bytes + 2**20)
+    app = FastAPI(title="cxrlab", description=f"Chest X-ray classifier. {DISCLAIMER} Intended use: {INTENDED_USE}.",
+                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None, **_form_limits())
+    app.add_middleware(RequestGuard, allowed_hosts=hosts, max_body=lim.max_request_bytes,
+                       body_timeout=lim.body_timeout_s,
+                       body_hint="; send fewer files per request, or raise --max-request-mb")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.state.model = model
+    app.state.model, app.state.limits, app.state.decode_budget = model, lim, budget
 
     @app.middleware("http")
     async def nosniff(request, call_next):
@@ -179,13 +173,16 @@ def create_app(model_dir_or_model, *, max_upload_bytes: int = 32 * 2**20, max_pi
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
-    def infer(data: bytes, name: str, want_heatmap: bool = True) -> dict:  # runs in a worker thread
+    def infer(data: bytes, name: str, want_heatmap: bool = True, heavy: bool = False) -> dict:  # worker thread
         try:
-            img = decode_image(data, name=name, max_pixels=max_pixels, min_size=model.input_size)
+            img = decode_image(data, name=name, max_pixels=lim.max_pixels, min_size=model.input_size)
             array = resize(img.pixels, model.input_size)
             pred = model.predict_arrays([array], [img], names=[name])[0]
         except ImageError as exc:
             raise _Reject(422, f"{name}: {exc.reason}") from None
+        finally:
+            if heavy:
+                _trim_heap()
         heatmap = None
         if want_heatmap and heatmapper is not None and not pred.ood:
             try:
@@ -200,46 +197,92 @@ def create_app(model_dir_or_model, *, max_upload_bytes: int = 32 * 2**20, max_pi
                 "verdict": verdict(model, pred), "ood": pred.ood, "ood_score": pred.ood_score,
                 "ood_threshold": pred.ood_threshold, "heatmap_png": heatmap, "error": None}
 
+    async def check_upload(upload: UploadFile, name: str) -> None:
+        """Size and type from what was spooled, before any of it is read into memory."""
+        if upload.size is not None and upload.size > lim.max_upload_bytes:  # read_upload checks it otherwise
+            raise _Reject(413, f"{name} is larger than the limit of {_mib(lim.max_upload_bytes)}")
+        await upload.seek(0)
+        head = await upload.read(132)
+        await upload.seek(0)
+        if not head:
+            raise _Reject(422, f"{name}: empty file (0 bytes)")
+        if sniff(head) is None:
+            raise _Reject(415, f"{name}: not a supported image ({SUPPORTED})")
+
     async def read_upload(upload: UploadFile, name: str) -> bytes:
         chunks, total = [], 0
         while chunk := await upload.read(_CHUNK):
             total += len(chunk)
-            if total > max_upload_bytes:
-                raise _Reject(413, f"{name} is larger than the limit of {_mib(max_upload_bytes)}")
+            if total > lim.max_upload_bytes:
+                raise _Reject(413, f"{name} is larger than the limit of {_mib(lim.max_upload_bytes)}")
             chunks.append(chunk)
-        data = b"".join(chunks)
-        if not data:
-            raise _Reject(422, f"{name}: empty file (0 bytes)")
-        if sniff(data[:132]) is None:
-            raise _Reject(415, f"{name}: not a supported image ({SUPPORTED})")
-        return data
+        return b"".join(chunks)
+
+    def decode_cost(upload: UploadFile, name: str) -> int:  # runs in a worker thread: reads the spooled file
+        try:
+            estimate = estimate_decode_bytes(upload.file, min_size=model.input_size, max_pixels=lim.max_pixels)
+        finally:
+            upload.file.seek(0)
+        if estimate is None:  # the decoder will fail on the same header; until then assume the worst allowed
+            return lim.max_decode_bytes
+        if estimate.nbytes > lim.max_decode_bytes:
+            raise _Reject(413, f"{name}: decoding this {estimate.describe()} would take about "
+                               f"{_mib(estimate.nbytes)} of memory, more than the per-image limit of "
+                               f"{_mib(lim.max_decode_bytes)} (--max-decode-mb); send a smaller image")
+        return estimate.nbytes
 
     async def handle(upload: UploadFile, i: int, want_heatmap: bool = True) -> dict:
         name = _clean_name(upload.filename, i)
-        data = await read_upload(upload, name)
-        loop = asyncio.get_running_loop()
-        sem = semaphores.get(loop) or semaphores.setdefault(loop, asyncio.Semaphore(slots))
-        async with sem:
-            return await run_in_threadpool(infer, data, name, want_heatmap)
+        await check_upload(upload, name)
+        cost = await run_in_threadpool(decode_cost, upload, name)
+        try:
+            await budget.acquire(cost, lim.decode_wait_s)
+        except Overloaded:
+            raise HTTPException(503, f"the server is busy decoding other images ({_mib(budget.total)} "
+                                     f"decode budget in use for {lim.decode_wait_s:g} s); retry later",
+                                headers={"Retry-After": str(_RETRY_AFTER_S)}) from None
+        try:
+            data = await read_upload(upload, name)
+            loop = asyncio.get_running_loop()
+            if loop not in lanes:
+                lanes[loop] = asyncio.Semaphore(slots), asyncio.Semaphore(max(1, slots // 2))
+            all_slots, heavy_slots = lanes[loop]
+            heavy = cost >= heavy_cost
+            async with heavy_slots if heavy else contextlib.nullcontext():
+                async with all_slots:
+                    return await run_in_threadpool(infer, data, name, want_heatmap, heavy)
+        finally:
+            budget.release(cost)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"})
 
-    @app.get("/healthz")
+    @app.get("/healthz", summary="Liveness check")
     async def healthz():
+        """Answers {"status": "ok"} (HEAD answers with no body) while the server runs."""
         return {"status": "ok"}
 
-    @app.get("/api/model")
+    app.head("/healthz", include_in_schema=False)(healthz)
+
+    @app.get("/api/model", summary="The model card")
     async def get_model():
+        """Labels, operating point, test metrics, calibration, training data and intended use."""
         return model_card(model)
 
-    @app.post("/api/predict")
+    @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
+    async def docs():
+        return HTMLResponse(docs_page(app.openapi()), headers={"Content-Security-Policy": _DOCS_CSP})
+
+    @app.post("/api/predict", summary="Classify uploaded images")
     async def predict(files: list[UploadFile] = File(..., description=f"one or more images ({SUPPORTED})"),
                       heatmap: bool = Query(True, description="compute a heatmap per image (0 to skip)")):
-        if len(files) > max_files:
-            raise HTTPException(413, f"{len(files)} files in one request; the limit is {max_files}")
+        """Multipart field `files`, one or more images; answers {"results": [...]}, one per file in order,
+        with a per-file `error` when some files fail (the status is the first error's when all fail:
+        413 too large, 415 not an image, 422 unreadable). 503 with Retry-After when the server is busy."""
+        if len(files) > lim.max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; the limit is {lim.max_files}")
         results, failures = [], []
         for i, upload in enumerate(files):
             try:
@@ -252,13 +295,95 @@ def create_app(model_dir_or_model, *, max_upload_bytes: int = 32 * 2**20, max_pi
                                 "ood_threshold": None, "heatmap_png": None, "error": exc.detail})
         if failures and len(failures) == len(results):
             raise HTTPException(failures[0].status, "; ".join(f.detail for f in failures))
-        return JSONResponse(_jsonable({"results": results}))
+        return JSONResponse(json_safe({"results": results}))
 
     return app
 
 
-def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
-    """Load ``model_dir`` and serve it with uvicorn until interrupted."""
+_DOCS_STYLE = ("body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+               "code{background:#f2f2f2;padding:0 .2em}li{margin:.2em 0}")
+_DOCS_CSP = (f"default-src 'none'; style-src 'sha256-"
+             f"{base64.b64encode(hashlib.sha256(_DOCS_STYLE.encode()).digest()).decode()}'; "
+             f"base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+
+
+def docs_page(schema: dict) -> str:
+    """The API reference as one HTML page without scripts or external resources (works offline)."""
+    e = html.escape
+    info = schema.get("info", {})
+    items = []
+    for path, operations in schema.get("paths", {}).items():
+        for method, op in operations.items():
+            params = [f"<li><code>{e(p['name'])}</code> ({e(p.get('in', ''))}): "
+                      f"{e(p.get('description') or p.get('schema', {}).get('description', ''))}</li>"
+                      for p in op.get("parameters", [])]
+            body = op.get("requestBody", {}).get("content", {})
+            if body:
+                params.append(f"<li>body: <code>{e(', '.join(body))}</code></li>")
+            items.append(f"<section><h2><code>{e(method.upper())} {e(path)}</code></h2>"
+                         f"<p><b>{e(op.get('summary', ''))}.</b> {e(op.get('description', ''))}</p>"
+                         f"<ul>{''.join(params)}</ul></section>")
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(info.get('title', 'API'))} API"
+            f"</title><style>{_DOCS_STYLE}</style></head><body><h1>{e(info.get('title', 'API'))} API</h1>"
+            f"<p>{e(info.get('description', ''))}</p><p>The machine-readable schema is "
+            f"<a href=\"/openapi.json\"><code>/openapi.json</code></a>; the web page is <a href=\"/\">/</a>. "
+            f"Swagger UI is not served: it would load from a CDN, and this server works offline.</p>"
+            f"{''.join(items)}</body></html>")
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS after a heavy decode. glibc keeps freed blocks in per-thread
+    arenas, so after 50-megapixel images were decoded on several worker threads the RSS would stay at
+    several times what is in use (benchmarks/serve.py --bomb-clients 2: peak RSS 1220 -> 606-636 MiB)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _form_limits() -> dict:
+    """Non-file multipart fields are held in memory: allow few and small ones (FastAPI >= 0.13x)."""
+    if "form_limits" not in inspect.signature(FastAPI).parameters:
+        return {}
+    return {"form_limits": {"max_fields": 16, "max_part_size": 64 * 2**10}}
+
+
+def server_config(app, *, host: str, port: int | None = None, header_timeout_s: float = 10.0, **uvicorn_kw):
+    """uvicorn settings that hold up against slow and many clients: the h11 protocol with a header deadline
+    (serve_http.guarded_protocol), idle keep-alive closed after 5 s, request headers of at most 16 KiB, and
+    503 once 512 connections are open (uvicorn counts idle ones too, so the limit sits well above the slow
+    clients one header deadline lets linger)."""
     import uvicorn
 
-    uvicorn.run(create_app(model_dir, **limits), host=host, port=port)
+    return uvicorn.Config(app, host=host, port=port or 0, http=guarded_protocol(header_timeout_s),
+                          timeout_keep_alive=5, limit_concurrency=512, h11_max_incomplete_event_size=16 * 2**10,
+                          **uvicorn_kw)
+
+
+def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(), trust_modified: bool = False,
+          **limits) -> None:
+    """Load ``model_dir`` and serve it with uvicorn until interrupted. ``allowed_hosts`` adds Host names
+    to the loopback names and the bound address; the limits are checked before the model is loaded."""
+    import uvicorn
+
+    lim = ServeLimits(**limits)
+    try:
+        hosts = allowed_hosts_for(host, allowed_hosts)
+    except ValueError as exc:
+        raise ServeConfigError(f"serve: --allowed-host {exc}") from None
+    if not 0 <= port <= 65535:
+        raise ServeConfigError(f"serve: --port must be 0..65535, got {port}")
+    app = create_app(model_dir, allowed_hosts=hosts, trust_modified=trust_modified,
+                     **{f.name: getattr(lim, f.name) for f in fields(lim)})
+    if ANY_HOST not in hosts and is_wildcard(host) and not allowed_hosts:
+        log.warning("serving on all interfaces, but only the Host names %s are answered; "
+                    "add --allowed-host NAME for the names clients use", ", ".join(sorted(hosts)))
+    uvicorn.Server(server_config(app, host=host, port=port, header_timeout_s=lim.header_timeout_s)).run()
