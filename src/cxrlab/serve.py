@@ -27,7 +27,6 @@ import hashlib
 import html
 import inspect
 import logging
-import math
 import os
 import weakref
 from dataclasses import fields
