@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .validate import evaluate_arguments
 from .discover import discover
 from .errors import DataError
-from .metrics import binary_report, multiclass_report, who_verdict
 from .outputs import REPORT_FILES, check_output_dir, claim, model_labels
 from .predict import Model, Prediction
 from .progress import Progress, resolve
+from .validate import evaluate_arguments
 
 
 @dataclass
@@ -27,6 +26,8 @@ class EvalResult:
 
 
 def _report(model: Model, y_true: list[str], preds: list[Prediction]) -> dict:
+    from .metrics import binary_report, multiclass_report, who_verdict  # scikit-learn: only when scoring
+
     labels = model.labels
     P = np.array([[p.scores[lab] for lab in labels] for p in preds])
     if model.threshold is not None:

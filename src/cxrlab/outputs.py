@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import __version__
+from ._version import __version__
 from .errors import DataError
 from .fsutil import atomic_write_bytes
 
