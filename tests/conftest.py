@@ -59,3 +59,29 @@ def make_dataset(root: Path, n_per_class: int = 24, size: int = 96) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return make_dataset(tmp_path / "lungs")
+
+
+def write_tiny_backbone(path: Path, size: int = 64, ch: int = 8) -> Path:
+    """A tiny ONNX feature extractor (two 3x3 convolutions) for fast tests: use it as backbone="onnx:PATH"."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (ch, 1, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (ch,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (ch, ch, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["h2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h2"], ["feat"])]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, size, size])],
+        [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["n", ch, size // 4, size // 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    """'onnx:PATH' of the tiny backbone, written once per test session."""
+    return f"onnx:{write_tiny_backbone(tmp_path_factory.mktemp('tiny-backbone') / 'tiny.onnx')}"

@@ -26,7 +26,7 @@ from cxrlab.cli import main
 from cxrlab.compat import retrain_main
 from cxrlab.embed import Embedder
 from cxrlab.errors import CxrlabError
-from test_robustness import write_tiny_backbone
+from conftest import write_tiny_backbone
 
 IS_ROOT = os.geteuid() == 0
 OTHER_UID = 65534  # nobody

@@ -33,7 +33,7 @@ from cxrlab.errors import CxrlabError, DataError
 from cxrlab.finetune import FineTuneOptions
 
 from conftest import make_dataset  # noqa: E402
-from test_robustness import write_tiny_backbone  # noqa: E402
+from conftest import write_tiny_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

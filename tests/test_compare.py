@@ -22,7 +22,7 @@ from cxrlab.metrics import delong_ci
 @pytest.fixture(scope="module")
 def two_dirs(tmp_path_factory):
     from conftest import make_dataset
-    from test_robustness import write_tiny_backbone
+    from conftest import write_tiny_backbone
 
     base = tmp_path_factory.mktemp("cmp")
     root = make_dataset(base / "lungs", n_per_class=16)

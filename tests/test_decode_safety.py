@@ -28,9 +28,9 @@ from cxrlab.errors import DataError, ImageError
 from cxrlab.split import Manifest, split_samples
 
 pydicom = pytest.importorskip("pydicom")
-from conftest import make_dataset, synthetic_xray  # noqa: E402
+from conftest import make_dataset, synthetic_xray, write_tiny_backbone  # noqa: E402
 from test_decode import bomb_png, chunk, dicom  # noqa: E402
-from test_robustness import no_traceback, write_tiny_backbone  # noqa: E402
+from test_robustness import no_traceback  # noqa: E402
 
 CHEST = synthetic_xray(5, True, 96)  # the 8-bit original every re-encoding is compared with
 REF = CHEST / 255.0

@@ -35,7 +35,7 @@ from cxrlab.modeldir import _info_digest
 from cxrlab.predict import Model
 
 from conftest import make_dataset
-from test_robustness import write_tiny_backbone
+from conftest import write_tiny_backbone
 
 LABELS = ["abnormal", "normal"]
 

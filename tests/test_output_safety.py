@@ -26,7 +26,7 @@ from cxrlab.modeldir import save_model
 from cxrlab.outputs import MARKER, OutputError
 
 from conftest import make_dataset  # noqa: E402
-from test_robustness import write_tiny_backbone  # noqa: E402
+from conftest import write_tiny_backbone  # noqa: E402
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

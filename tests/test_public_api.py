@@ -90,7 +90,7 @@ def test_modules_named_like_public_functions_still_load():
 def tiny_model(tmp_path_factory):
     """A small model on the tiny ONNX backbone (64 px input), with its OOD gate."""
     from conftest import make_dataset
-    from test_robustness import write_tiny_backbone
+    from conftest import write_tiny_backbone
 
     root = make_dataset(tmp_path_factory.mktemp("data") / "lungs", n_per_class=12)
     backbone = f"onnx:{write_tiny_backbone(tmp_path_factory.mktemp('bb') / 'tiny.onnx')}"

@@ -38,7 +38,7 @@ def _same_split_figures(root, tmp_path, backbone, **options):
 
 
 def test_a_cv_fold_reports_what_train_ships(tiny_dataset, tmp_path):
-    from test_robustness import write_tiny_backbone
+    from conftest import write_tiny_backbone
 
     backbone = f"onnx:{write_tiny_backbone(tmp_path / 'tiny.onnx')}"
     info = _same_split_figures(tiny_dataset, tmp_path, backbone)

@@ -17,7 +17,7 @@ OVERLAY_RE = re.compile(r"<img class='overlay' src='data:image/(?:png|jpeg);base
 
 def test_train_report_shows_heatmaps(tmp_path):
     from conftest import make_dataset
-    from test_robustness import write_tiny_backbone
+    from conftest import write_tiny_backbone
 
     root = make_dataset(tmp_path / "lungs", n_per_class=16, size=900)  # larger than the 384 px overlays
     out = tmp_path / "model"

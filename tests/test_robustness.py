@@ -32,7 +32,7 @@ from cxrlab.compat import label_image_main
 from cxrlab.errors import ModelDirError
 
 pydicom = pytest.importorskip("pydicom")
-from conftest import make_dataset  # noqa: E402
+from conftest import make_dataset, write_tiny_backbone  # noqa: E402
 from test_decode import RAMP12, bomb_png, dicom, gray8, mk_exif, mk_gif, mk_multitiff  # noqa: E402
 
 SKIP, OK = "skip", "ok"
@@ -40,25 +40,6 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 # ------------------------------------------------------------------ a tiny backbone
-def write_tiny_backbone(path: Path, size: int = 64, ch: int = 8) -> Path:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (ch, 1, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.normal(0, 0.1, (ch,)).astype(np.float32), "b1"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (ch, ch, 3, 3)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], strides=[2, 2], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["h2"], strides=[2, 2], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h2"], ["feat"])]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, size, size])],
-        [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["n", ch, size // 4, size // 4])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """'onnx:PATH' of the tiny backbone, already adapted into the session cache."""

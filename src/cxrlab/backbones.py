@@ -24,6 +24,9 @@ from .backbone_types import (  # noqa: F401  (re-exported: the backbone API live
 from .errors import BackboneError
 from .onnx_backbone import ONNX_PREFIX, create_onnx_backbone, onnx_file, spec_from_onnx
 
+DEFAULT_BACKBONE = "efficientnet-lite0"  # the default of train, cv and create_backbone
+
+
 def _build_efficientnet_lite(spec: BackboneSpec, weights: Path):
     import torch
     from efficientnet_lite_pytorch import EfficientNet
@@ -131,7 +134,7 @@ def get_spec(name: str) -> BackboneSpec:
     return REGISTRY[name]
 
 
-def create_backbone(name: str = "efficientnet-lite0", *, verify: bool = True) -> Backbone:
+def create_backbone(name: str = DEFAULT_BACKBONE, *, verify: bool = True) -> Backbone:
     """Resolve ``name`` to an exported ONNX backbone, exporting it once if needed."""
     path = onnx_file(name)
     if path is not None:

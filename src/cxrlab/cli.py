@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 from . import validate as v
+from ._version import __version__
+from .backbones import DEFAULT_BACKBONE
 from .errors import CxrlabError
+from .finetune.options import FineTuneOptions
+from .precision import PRECISIONS
+from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS, TrainOptions
 
 EPILOG = {
     "train": "example: cxrlab train lungs/ --output models/tb",
@@ -40,60 +45,142 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
+    def _get_option_tuples(self, option_string):
+        """An abbreviation matching only the two spellings of one option (--top -> --top-k, --top_k) is that option."""
+        tuples = super()._get_option_tuples(option_string)
+        actions = {id(t[0]) for t in tuples}
+        return tuples[:1] if len(actions) == 1 else tuples
 
-def _flag(parser, name: str, **kwargs):
-    """Accept both the tutorial's --snake_case spelling and --kebab-case."""
-    names = {f"--{name}", f"--{name.replace('_', '-')}"}
-    parser.add_argument(*sorted(names), dest=name, **kwargs)
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilogs' line breaks and appends '(default: X)' to every option with a default worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "%(default)" in text or d is None or d is False or d is argparse.SUPPRESS or d == [] or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _flag(parser, name: str, *short: str, **kwargs):
+    """Accept both the tutorial's --snake_case spelling and --kebab-case (and any short alias, e.g. -o)."""
+    names = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
+    return parser.add_argument(*short, *names, dest=name, **kwargs)
+
+
+# ------------------------------------------------------------------ option groups shared by several commands
+def add_model_options(p) -> None:
+    _flag(p, "model", "-m", required=True, metavar="MODEL_DIR", help="model folder written by 'cxrlab train'")
+    add_trust_option(p)
+
+
+def add_trust_option(p) -> None:
+    _flag(p, "trust_modified_model", action="store_true",
+          help="load a model directory whose files differ from their SHA-256 record (edited or damaged); "
+               "its values are still validated, and a warning is printed")
+
+
+def add_output_option(p, contents: str, *, required: bool = False, default_help: str = "") -> None:
+    """--output / -o: always a folder (created if missing), never a single file."""
+    _flag(p, "output", "-o", required=required, metavar="DIR",
+          help=f"folder for {contents} (created if missing){default_help}")
+
+
+def add_label_from_name_option(p) -> None:
+    _flag(p, "label_from_name", metavar="REGEX", type=v.regex,
+          help="label from the file name: 'nlm' (_1 abnormal, _0 normal) or a regex with a (?P<label>...) group "
+               "(default: the subfolder name)")
+
+
+def add_group_regex_option(p) -> None:
+    _flag(p, "group_regex", metavar="REGEX", type=v.regex,
+          help="regex on the relative path whose (?P<group>...) keeps one patient's images in one split")
+
+
+def add_positive_label_option(p, default=None) -> None:
+    _flag(p, "positive_label", metavar="CLASS", default=default,
+          help="the class that counts as positive" + ("" if default else " (default: abnormal, if there is one)"))
+
+
+def add_backbone_option(p, default=DEFAULT_BACKBONE) -> None:
+    _flag(p, "backbone", default=default, metavar="NAME", help="efficientnet-lite0|1|2, inception-v3 or onnx:PATH")
+
+
+def add_precision_option(p, default: str) -> None:
+    _flag(p, "precision", default=default, choices=PRECISIONS,
+          help="int8: quantised backbone, calibrated on training images")
+
+
+def add_seed_option(p, default: int) -> None:
+    _flag(p, "seed", type=v.seed, default=default, metavar="N", help=f"random seed of the split and the fit, 0 to {v.SEED_MAX}")
+
+
+def add_fine_tune_options(p, what: str) -> None:
+    _flag(p, "fine_tune", action="store_true", help=f"fine-tune the backbone end to end in torch {what}")
+    _flag(p, "epochs", type=v.positive_int, default=FineTuneOptions.epochs, metavar="N",
+          help="fine-tuning epochs (with --fine-tune), >= 1")
+    _flag(p, "ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
+          help="a fine-tuning choice (with --fine-tune), e.g. lr=1e-4, intensity=window, input_size=299, "
+               "augment.gamma=0.3 (see cxrlab.finetune.FineTuneOptions); repeat for several")
+
+
+def add_no_ood_option(p, help_: str = "do not refuse out-of-distribution images: score every image") -> None:
+    _flag(p, "no_ood", action="store_true", help=help_)
+
+
+def add_quiet_option(p) -> None:
+    _flag(p, "quiet", "-q", action="store_true", help="print only the results, no progress")
 
 
 def add_train_options(p) -> None:
+    t = TrainOptions()
     p.add_argument("image_dir_pos", nargs="?", metavar="IMAGE_DIR", help="folder with one subfolder per class")
-    _flag(p, "image_dir", help="same as IMAGE_DIR")
-    p.add_argument("--output", "-o", help="model directory to write (default runs/<timestamp>/model)")
-    p.add_argument("--backbone", default="efficientnet-lite0", help="efficientnet-lite0|1|2, inception-v3 or onnx:PATH")
-    _flag(p, "bottleneck_dir", help="embedding cache folder (default: the user cache dir)")
-    _flag(p, "label_from_name", metavar="REGEX", type=v.regex, help="label from the file name: 'nlm' (_1 abnormal, _0 normal) or a regex with a (?P<label>...) group")
-    _flag(p, "group_regex", type=v.regex, help="regex on the relative path whose (?P<group>...) keeps one patient's images in one split")
-    _flag(p, "split_file", help="reuse the split of this CSV manifest")
-    _flag(p, "testing_percentage", type=v.percentage, default=10.0,
+    _flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
+    add_output_option(p, "the model: model.onnx, labels.txt, cxrlab.json, report.html",
+                      default_help="; default: runs/<timestamp>/model")
+    add_backbone_option(p, t.backbone)
+    _flag(p, "bottleneck_dir", metavar="DIR", help="embedding cache folder (default: the user cache dir)")
+    add_label_from_name_option(p)
+    add_group_regex_option(p)
+    _flag(p, "split_file", metavar="CSV", help="reuse the split of this CSV manifest")
+    _flag(p, "testing_percentage", type=v.percentage, default=t.testing_percentage, metavar="PCT",
           help="0 to <100; with the validation share, under 100")
-    _flag(p, "validation_percentage", type=v.percentage, default=10.0, help="0 to <100")
-    _flag(p, "solver", default="lbfgs", choices=["lbfgs", "sgd"], help="lbfgs: regularised logistic regression (default); sgd: the tutorial's")
-    _flag(p, "how_many_training_steps", type=v.positive_int, default=4000, help="a whole number >= 1")
-    _flag(p, "learning_rate", type=v.positive_float, default=0.01, help="> 0 (sgd)")
-    _flag(p, "train_batch_size", type=v.batch_or_all, default=100, help=">= 1, or -1 for all (sgd)")
-    _flag(p, "eval_step_interval", type=v.positive_int, default=10, help=">= 1")
-    _flag(p, "validation_batch_size", type=v.batch_or_all, default=100, help=">= 1, or -1 for all")
-    _flag(p, "test_batch_size", type=v.batch_or_all, default=-1, help=">= 1, or -1 for all")
-    _flag(p, "print_misclassified_test_images", action="store_true")
-    _flag(p, "positive_label", help="the class that counts as positive (default: abnormal)")
-    _flag(p, "operating_point", default="who", type=v.operating_point, help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on validation")
+    _flag(p, "validation_percentage", type=v.percentage, default=t.validation_percentage, metavar="PCT", help="0 to <100")
+    _flag(p, "solver", default=t.solver, choices=["lbfgs", "sgd"],
+          help="lbfgs: regularised logistic regression; sgd: the tutorial's")
+    _flag(p, "how_many_training_steps", type=v.positive_int, default=t.how_many_training_steps, metavar="N",
+          help="a whole number >= 1")
+    _flag(p, "learning_rate", type=v.positive_float, default=t.learning_rate, metavar="RATE", help="> 0 (sgd)")
+    _flag(p, "train_batch_size", type=v.batch_or_all, default=t.train_batch_size, metavar="N", help=">= 1, or -1 for all (sgd)")
+    _flag(p, "eval_step_interval", type=v.positive_int, default=t.eval_step_interval, metavar="N", help=">= 1")
+    _flag(p, "validation_batch_size", type=v.batch_or_all, default=t.validation_batch_size, metavar="N", help=">= 1, or -1 for all")
+    _flag(p, "test_batch_size", type=v.batch_or_all, default=t.test_batch_size, metavar="N", help=">= 1, or -1 for all")
+    _flag(p, "print_misclassified_test_images", action="store_true", help="list the test images the model gets wrong")
+    add_positive_label_option(p, t.positive_label)
+    _flag(p, "operating_point", default=t.operating_point, type=v.operating_point, metavar="RULE",
+          help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on validation")
     _flag(p, "robust_operating_point", action="store_true",
           help="choose the threshold on the validation images under simulated site shifts too (more conservative)")
-    _flag(p, "flip_left_right", action="store_true")
-    _flag(p, "random_crop", type=v.percentage_0_100, default=0.0, help="percent, 0 to 100")
-    _flag(p, "random_scale", type=v.percentage_0_100, default=0.0, help="percent, 0 to 100")
-    _flag(p, "random_brightness", type=v.percentage_0_100, default=0.0, help="percent, 0 to 100")
-    _flag(p, "no_ood", action="store_true", help="do not fit the out-of-distribution gate")
+    _flag(p, "flip_left_right", action="store_true", help="augment with mirrored copies of the training images")
+    for kind in ("crop", "scale", "brightness"):
+        _flag(p, f"random_{kind}", type=v.percentage_0_100, default=getattr(t, f"random_{kind}"), metavar="PCT",
+              help=f"random {kind} augmentation, percent, 0 to 100")
+    add_no_ood_option(p, "do not fit the out-of-distribution gate")
     _flag(p, "no_report", action="store_true", help="do not write report.html")
-    _flag(p, "summaries_dir", help="also write TensorBoard scalars here (needs the tensorboard package)")
-    _flag(p, "precision", default="fp32", choices=["fp32", "int8"], help="int8: quantised backbone, calibrated on training images")
-    _flag(p, "workers", type=v.positive_int, default=None, help="decode threads, >= 1 (default: up to 4, one per core)")
-    _flag(p, "batch_size", type=v.positive_int, default=32, help="images per ONNX Runtime batch while embedding, >= 1")
-    _flag(p, "fine_tune", action="store_true", help="fine-tune the backbone end to end in torch (slower, more accurate)")
-    _flag(p, "epochs", type=v.positive_int, default=8, help="fine-tuning epochs (with --fine-tune), >= 1")
-    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
-                   help="a fine-tuning choice, e.g. lr=1e-4, intensity=window, input_size=299, augment.gamma=0.3 "
-                        "(see cxrlab.finetune.FineTuneOptions)")
-    p.add_argument("--seed", type=v.seed, default=0, help=f"0 to {v.SEED_MAX}")
-    p.add_argument("--quiet", "-q", action="store_true")
+    _flag(p, "summaries_dir", metavar="DIR", help="also write TensorBoard scalars into this folder (needs tensorboard)")
+    add_precision_option(p, t.precision)
+    _flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N", help="decode threads, >= 1 (default: up to 4, one per core)")
+    _flag(p, "batch_size", type=v.positive_int, default=t.batch_size, metavar="N",
+          help="images per ONNX Runtime batch while embedding, >= 1")
+    add_fine_tune_options(p, "(slower, more accurate)")
+    add_seed_option(p, t.seed)
+    add_quiet_option(p)
 
 
 def ft_option(text: str) -> tuple[str, str]:
     """argparse type of --ft: KEY=VALUE with a known key and a value of the right type and range."""
     from .errors import DataError
-    from .finetune import FineTuneOptions
 
     key, sep, value = text.partition("=")
     if not sep:
@@ -146,8 +233,6 @@ def _fine_tune_args(a) -> dict:
         if getattr(a, "ft", None):
             raise CxrlabError("--ft options need --fine-tune")
         return {}
-    from .finetune import FineTuneOptions
-
     options = FineTuneOptions(epochs=a.epochs)
     for key, value in a.ft:
         options.set(key, value)
@@ -295,8 +380,8 @@ def run_evaluate(a) -> int:
 
 
 def run_cv(a) -> int:
-    from .crossval import cross_validate
     from .fsutil import atomic_write_bytes
+    from .crossval import cross_validate
     from .outputs import check_output_dir, claim, folder_classes
     from .progress import TqdmProgress
 
@@ -414,23 +499,17 @@ def run_serve(a) -> int:
     return 0
 
 
-def add_trust_option(p) -> None:
-    p.add_argument("--trust-modified-model", action="store_true",
-                   help="load a model directory whose files differ from their SHA-256 record (edited or damaged); "
-                        "its values are still validated, and a warning is printed")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cxrlab", description="Chest X-ray classifiers from a folder, used honestly.",
-                    epilog=EXIT_STATUS)
+                    epilog=EXIT_STATUS, formatter_class=HelpFormatter)
+    add_version_option(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, func, help_, resumable=False):
         own = EPILOG.get(name, "")
         epilog = own if "exit status" in own else "\n".join(filter(None, [own, EXIT_STATUS]))
-        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=HelpFormatter)
         p.set_defaults(func=func, resumable=resumable)
         add_debug_flag(p)
         return p
@@ -438,80 +517,81 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(command("train", run_train, "train a classifier from a folder of labelled images",
                               resumable=True))
     p = command("predict", run_predict, "label images with a trained model")
-    p.add_argument("--model", "-m", required=True)
-    add_trust_option(p)
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--top-k", type=v.positive_int, default=None, help="show the K best labels, K >= 1")
-    p.add_argument("--format", choices=["text", "json", "csv"], default="text")
-    p.add_argument("--no-ood", action="store_true", help="do not refuse out-of-distribution images")
-    p.add_argument("--explain", metavar="OUT_DIR", help="also write class activation map overlays here")
+    add_model_options(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
+    _flag(p, "top_k", type=v.positive_int, default=None, metavar="K", help="show the K best labels, K >= 1")
+    _flag(p, "format", choices=["text", "json", "csv"], default="text", help="how to print the predictions")
+    add_no_ood_option(p)
+    _flag(p, "explain", metavar="DIR", help="also write class activation map overlays into this folder")
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
-    p.add_argument("--model", "-m", required=True)
-    add_trust_option(p)
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--label-from-name", metavar="REGEX", type=v.regex)
-    p.add_argument("--output", "-o", help="folder for metrics.json, predictions.csv, report.html")
-    p.add_argument("--no-ood", action="store_true")
-    p = command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings", resumable=True)
-    p.add_argument("image_dir", metavar="IMAGE_DIR")
-    p.add_argument("--folds", type=v.folds, default=5, help="2 or more, at most the images (patients) of a class")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--label-from-name", metavar="REGEX", type=v.regex)
-    p.add_argument("--group-regex", type=v.regex)
-    p.add_argument("--positive-label", default="abnormal")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
-    p.add_argument("--fine-tune", dest="fine_tune", action="store_true",
-                   help="fine-tune the backbone per fold, as `cxrlab train --fine-tune` does (slow)")
-    p.add_argument("--epochs", type=v.positive_int, default=8, help="fine-tuning epochs (with --fine-tune), >= 1")
-    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
-                   help="a fine-tuning choice (with --fine-tune)")
-    p.add_argument("--seed", type=v.seed, default=0, help=f"0 to {v.SEED_MAX}")
-    p.add_argument("--output", "-o", help="folder for metrics.json")
+    add_model_options(p)
+    p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
+    add_label_from_name_option(p)
+    add_output_option(p, "metrics.json, predictions.csv and report.html")
+    add_no_ood_option(p, "do not refuse out-of-distribution images: report every image as accepted")
+    add_cv_options(command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings",
+                           resumable=True))
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")
-    p.add_argument("--model", "-m", required=True)
-    add_trust_option(p)
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    add_model_options(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
     p = command("datasets", run_datasets, "download and lay out the NLM TB chest X-ray sets")
-    p.add_argument("action", choices=["download"])
-    p.add_argument("name", choices=["shenzhen", "montgomery"])
-    p.add_argument("dest")
+    p.add_argument("action", choices=["download"], help="what to do (download)")
+    p.add_argument("name", choices=["shenzhen", "montgomery"], help="which data set")
+    p.add_argument("dest", metavar="DEST", help="folder to lay the images out in (one subfolder per class)")
     p.add_argument("--url", help="download from this address instead of the official one")
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
-    p.add_argument("--archive", help="lay out an archive you already downloaded (no network)")
+    p.add_argument("--archive", metavar="FILE", help="lay out an archive you already downloaded (no network)")
     p = command("explain", run_explain, "write class activation map overlays (where the model looked)")
-    p.add_argument("--model", "-m", required=True)
-    add_trust_option(p)
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--output", "-o", required=True, metavar="OUT_DIR")
-    p.add_argument("--summary", action="store_true", help="print the share of heat in the image border")
+    add_model_options(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
+    add_output_option(p, "the heatmaps", required=True)
+    _flag(p, "summary", action="store_true", help="print the share of heat in the image border")
     p = command("compare", run_compare, "tabulate metrics and overlay the ROC curves of several runs or evaluations")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="a 'train --output' model dir or an 'evaluate --output' dir")
-    p.add_argument("--output", "-o", help="folder for compare.html and compare.json")
-    p.add_argument("--names", help="comma-separated names for the rows, one per DIR")
+    add_output_option(p, "compare.html and compare.json")
+    _flag(p, "names", help="comma-separated names for the rows, one per DIR")
     p = command("site-shift", run_site_shift, "AUC and sens/spec at the stored operating point under simulated hospital differences")
-    p.add_argument("--model", "-m", required=True)
-    add_trust_option(p)
+    add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
-    p.add_argument("--label-from-name", metavar="REGEX", type=v.regex)
-    p.add_argument("--output", "-o", help="folder for site_shift.json (the rows as JSON)")
+    add_label_from_name_option(p)
+    add_output_option(p, "site_shift.json (the rows as JSON)")
     p = command("serve", run_serve, "a local web page and REST API")
-    p.add_argument("--model", "-m", required=True)
-    add_trust_option(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only unless changed)")
     p.add_argument("--port", type=v.port, default=8000, help="1 to 65535")
-    p.add_argument("--allowed-host", action="append", metavar="NAME",
+    _flag(p, "allowed_host", action="append", metavar="NAME",
                    help="a Host name clients use besides localhost and --host (repeatable; '*' allows any, "
                         "which turns off the DNS-rebinding guard)")
-    p.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest file (default 32)")
-    p.add_argument("--max-request-mb", type=float, metavar="MB",
+    _flag(p, "max_upload_mb", type=float, metavar="MB", help="largest file (default 32)")
+    _flag(p, "max_request_mb", type=float, metavar="MB",
                    help="largest request body, all files together (default 128)")
-    p.add_argument("--max-decode-mb", type=float, metavar="MB",
+    _flag(p, "max_decode_mb", type=float, metavar="MB",
                    help="memory one image may take to decode, estimated from its header (default 1024)")
-    p.add_argument("--decode-budget-mb", type=float, metavar="MB",
+    _flag(p, "decode_budget_mb", type=float, metavar="MB",
                    help="decode memory of all images in flight together (default 2048)")
-    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+    _flag(p, "request_timeout", type=float, metavar="SECONDS",
                    help="time allowed for a request body to arrive (default 60)")
     return parser
+
+
+def add_cv_options(p) -> None:
+    t = TrainOptions()  # cv shares train's defaults, but for its folds and its positive class
+    d = {"folds": DEFAULT_FOLDS, "backbone": t.backbone, "positive_label": CV_POSITIVE_LABEL,
+         "precision": t.precision, "seed": t.seed}
+    p.add_argument("image_dir", metavar="IMAGE_DIR", help="folder with one subfolder per class")
+    _flag(p, "folds", type=v.folds, default=d["folds"], metavar="K", help="2 or more, at most the images (patients) of a class")
+    add_backbone_option(p, d["backbone"])
+    add_label_from_name_option(p)
+    add_group_regex_option(p)
+    add_positive_label_option(p, d["positive_label"])
+    add_precision_option(p, d["precision"])
+    add_fine_tune_options(p, "per fold, as `cxrlab train --fine-tune` does (slow)")
+    add_seed_option(p, d["seed"])
+    add_output_option(p, "metrics.json")
+
+
+def add_version_option(p) -> None:
+    p.add_argument("--version", action="version", version=f"cxrlab {__version__}", help="print the version and exit")
 
 
 def add_debug_flag(p) -> None:

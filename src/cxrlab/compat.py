@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import (EXIT_STATUS, Parser, add_train_options, add_trust_option, render_prediction_text,
-                  render_train_result, run_parser, train_kwargs)
+from .cli import (EXIT_STATUS, HelpFormatter, Parser, _flag, add_train_options, add_trust_option,
+                  add_version_option, render_prediction_text, render_train_result, run_parser, train_kwargs)
 
 ARCHITECTURES = {"inception_v3": "inception-v3", "mobilenet": "efficientnet-lite0"}
 
@@ -80,17 +80,19 @@ def _lines(path: Path) -> list[str] | None:
 
 def retrain_main(argv=None) -> int:
     p = Parser(prog="retrain", description="The TensorFlow retrain.py tutorial's command, run by cxrlab.",
-               epilog=EXIT_STATUS)
+               epilog=EXIT_STATUS, formatter_class=HelpFormatter)
+    add_version_option(p)
     add_train_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     # embeddings go to the private per-user cache, never a shared /tmp folder
     p.set_defaults(func=_run_retrain, backbone=None, resumable=True)
-    p.add_argument("--output_graph", default="/tmp/output_graph.pb", help="written as ONNX (cxrlab's analogue of the .pb)")
-    p.add_argument("--output_labels", default="/tmp/output_labels.txt")
-    p.add_argument("--architecture", default="inception_v3", help="inception_v3 (the tutorial's) or any cxrlab backbone")
-    for ignored in ("--model_dir", "--final_tensor_name", "--intermediate_output_graphs_dir",
-                    "--intermediate_store_frequency"):
-        p.add_argument(ignored, help="accepted for compatibility; not used")
+    _flag(p, "output_graph", default="/tmp/output_graph.pb", metavar="FILE",
+          help="the trained graph, written as ONNX (cxrlab's analogue of the .pb)")
+    _flag(p, "output_labels", default="/tmp/output_labels.txt", metavar="FILE", help="the class names, one a line")
+    _flag(p, "architecture", default="inception_v3",
+          help="inception_v3 (the tutorial's) or any cxrlab backbone; --backbone, when given, wins")
+    for ignored in ("model_dir", "final_tensor_name", "intermediate_output_graphs_dir", "intermediate_store_frequency"):
+        _flag(p, ignored, help="accepted for compatibility; not used")
     return run_parser(p, argv)
 
 
@@ -109,13 +111,15 @@ def _run_label_image(a) -> int:
 def label_image_main(argv=None) -> int:
     p = Parser(prog="label_image", description="The tutorial's label_image, on a cxrlab model.",
                epilog="exit status: 0 when every image was labelled, 1 when any could not be read; "
-                      "2 a bad option or an internal error")
-    p.add_argument("--graph", default="/tmp/output_graph.pb")
-    p.add_argument("--labels", default="/tmp/output_labels.txt")
-    p.add_argument("--image", required=True, action="append", help="image file (repeat for several)")
+                      "2 a bad option or an internal error", formatter_class=HelpFormatter)
+    add_version_option(p)
+    _flag(p, "graph", default="/tmp/output_graph.pb", metavar="FILE", help="the graph written by retrain --output_graph")
+    _flag(p, "labels", default="/tmp/output_labels.txt", metavar="FILE",
+          help="the labels written by retrain --output_labels")
+    _flag(p, "image", required=True, action="append", metavar="FILE", help="image file (repeat for several)")
     add_trust_option(p)
-    for ignored in ("--input_layer", "--output_layer", "--input_height", "--input_width", "--input_mean", "--input_std"):
-        p.add_argument(ignored, help="accepted for compatibility: the preprocessing lives in the model")
+    for ignored in ("input_layer", "output_layer", "input_height", "input_width", "input_mean", "input_std"):
+        _flag(p, ignored, help="accepted for compatibility: the preprocessing lives in the model")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=_run_label_image)
     return run_parser(p, argv)

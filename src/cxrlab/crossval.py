@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS
+from .backbones import DEFAULT_BACKBONE
 from .validate import cv_arguments, check_folds
 from .discover import discover
 from .errors import DataError
@@ -25,8 +27,8 @@ __all__ = ["assign_folds", "cross_validate", "fold_entries", "evaluate_entries"]
 INNER_VALIDATION_FOLDS = 5  # the inner validation split is one fifth of the training folds' groups
 
 
-def cross_validate(image_dir: str | os.PathLike, *, folds: int = 5, backbone: str = "efficientnet-lite0",
-                   label_from_name: str | None = None, group_regex: str | None = None, positive_label: str = "abnormal",
+def cross_validate(image_dir: str | os.PathLike, *, folds: int = DEFAULT_FOLDS, backbone: str = DEFAULT_BACKBONE,
+                   label_from_name: str | None = None, group_regex: str | None = None, positive_label: str = CV_POSITIVE_LABEL,
                    operating_point: str = "who", bottleneck_dir=None, seed: int = 0,
                    progress: Progress | None = None, precision: str = "fp32", fine_tune: bool = False,
                    fine_tune_options=None) -> dict:

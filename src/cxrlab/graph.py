@@ -9,14 +9,15 @@ one, ``imagenet_logits``.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 MODEL_OUTPUTS = ("probabilities", "logits", "embedding", "class_maps")
 
 
 def fuse_head(backbone_onnx: str | bytes, coef: np.ndarray, intercept: np.ndarray, *, temperature: float = 1.0,
               metadata: dict[str, str] | None = None) -> bytes:
+    import onnx  # only when a model is built: predict and the CLI start without it
+    from onnx import TensorProto, helper, numpy_helper
+
     model = onnx.load_from_string(backbone_onnx) if isinstance(backbone_onnx, bytes) else onnx.load(backbone_onnx)
     g = model.graph
     k, d = coef.shape

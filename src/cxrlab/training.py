@@ -28,74 +28,13 @@ from .modeldir import model_info, save_model
 from .outputs import RUN_FILES, OutputError, check_not_input, check_output_dir, claim, folder_classes
 from .progress import Progress
 from .split import Manifest, split_samples
+from .train_options import TrainOptions
 from .validate import train_arguments
 
 if TYPE_CHECKING:
     from .finetune import FineTuneOptions
 
 OOD_SHIFT_IMAGES = 160  # training images whose site-shifted copies widen the OOD gate's notion of genuine
-
-
-@dataclass
-class TrainOptions:
-    """Every option of :func:`train` (the retrain tutorial's flags and cxrlab's own), with its default.
-
-    The single home of the defaults: ``train``'s keyword defaults are read from here, and its docstring
-    documents each field."""
-
-    output: str | os.PathLike | None = None
-    backbone: str = "efficientnet-lite0"
-    bottleneck_dir: str | os.PathLike | None = None
-    label_from_name: str | None = None
-    label_map: dict[str, str] | None = None
-    group_regex: str | None = None
-    split_file: str | os.PathLike | None = None
-    testing_percentage: float = 10.0
-    validation_percentage: float = 10.0
-    solver: str = "lbfgs"
-    how_many_training_steps: int = 4000
-    learning_rate: float = 0.01
-    train_batch_size: int = 100
-    eval_step_interval: int = 10
-    validation_batch_size: int = 100
-    test_batch_size: int = -1
-    positive_label: str | None = None
-    operating_point: str = "who"
-    robust_operating_point: bool = False
-    calibration: str = "auto"
-    flip_left_right: bool = False
-    random_crop: float = 0.0
-    random_scale: float = 0.0
-    random_brightness: float = 0.0
-    distortion_copies: int = 4
-    ood: bool = True
-    report: bool = True
-    seed: int = 0
-    on_step: Callable[[StepInfo], None] | None = None
-    progress: Progress | None = None
-    fine_tune: bool = False
-    epochs: int = 8
-    fine_tune_options: FineTuneOptions | None = None  # None: FineTuneOptions(epochs=epochs)
-    on_epoch: Callable[[dict], None] | None = None
-    summaries_dir: str | os.PathLike | None = None
-    precision: str = "fp32"
-    workers: int | None = None
-    batch_size: int = 32
-
-    def head(self) -> HeadOptions:
-        return HeadOptions(self.solver, self.how_many_training_steps, self.learning_rate, self.train_batch_size,
-                           self.eval_step_interval, self.validation_batch_size)
-
-    def distortions(self) -> dict:
-        return {"flip_left_right": self.flip_left_right, "random_crop": self.random_crop,
-                "random_scale": self.random_scale, "random_brightness": self.random_brightness}
-
-    def flags(self) -> dict:
-        return {"how_many_training_steps": self.how_many_training_steps, "learning_rate": self.learning_rate,
-                "train_batch_size": self.train_batch_size, "eval_step_interval": self.eval_step_interval,
-                "validation_batch_size": self.validation_batch_size, "test_batch_size": self.test_batch_size,
-                "operating_point": self.operating_point, **self.distortions(),
-                "distortion_copies": self.distortion_copies}
 
 
 @dataclass
