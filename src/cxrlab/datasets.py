@@ -61,19 +61,17 @@ class DatasetInfo:
     license_note: str = _LICENSE
 
 
+def _nlm_set(name: str, folder: str, archive: str, counts: dict) -> DatasetInfo:
+    """An NLM set: the archive under ``folder`` of the NLM site, with the Open-i collection as the mirror."""
+    urls = (f"{_NLM}/{folder}/{archive}", f"http://openi.nlm.nih.gov/imgs/collections/{archive}")
+    return DatasetInfo(name=name, urls=urls, archive_name=archive, sha256=None, expected_counts=counts)
+
+
 DATASETS: dict[str, DatasetInfo] = {
-    "shenzhen": DatasetInfo(
-        name="shenzhen",
-        urls=(f"{_NLM}/Shenzhen-Hospital-CXR-Set/ChinaSet_AllFiles.zip",
-              "http://openi.nlm.nih.gov/imgs/collections/ChinaSet_AllFiles.zip"),
-        archive_name="ChinaSet_AllFiles.zip", sha256=None,
-        expected_counts={"abnormal": 336, "normal": 326}),
-    "montgomery": DatasetInfo(
-        name="montgomery",
-        urls=(f"{_NLM}/Montgomery-County-CXR-Set/MontgomerySet/NLM-MontgomeryCXRSet.zip",
-              "http://openi.nlm.nih.gov/imgs/collections/NLM-MontgomeryCXRSet.zip"),
-        archive_name="NLM-MontgomeryCXRSet.zip", sha256=None,
-        expected_counts={"abnormal": 58, "normal": 80}),
+    "shenzhen": _nlm_set("shenzhen", "Shenzhen-Hospital-CXR-Set", "ChinaSet_AllFiles.zip",
+                         {"abnormal": 336, "normal": 326}),
+    "montgomery": _nlm_set("montgomery", "Montgomery-County-CXR-Set/MontgomerySet", "NLM-MontgomeryCXRSet.zip",
+                           {"abnormal": 58, "normal": 80}),
 }
 
 

@@ -124,17 +124,18 @@ def fit_gate(backbone, X_train: np.ndarray, X_val: np.ndarray | None = None, *, 
     """Fit the gate on training embeddings; set its threshold on the validation embeddings."""
     X = np.asarray(X_train, np.float64)
     k = int(min(n_components, len(X) - 1, X.shape[1]))
-    mean = X.mean(axis=0)
-    Xc = X - mean
-    # Only the top k axes are needed: an eigendecomposition of the (d, d) covariance restricted to
-    # them is several times cheaper than a full SVD of the data.
-    from scipy.linalg import eigh
+    # Only the top k axes are needed: ARPACK finds them (exactly, from a seeded start) several times faster
+    # than a full SVD of the ~1700 x 1280 gate data; it needs k below both dimensions, a full SVD does not.
+    # PCA (scikit-learn >= 1.5) makes each axis's largest entry positive, so the saved axes never flip sign.
+    # One BLAS thread: measured 0.35-1.0 s against 3.3 s with two on a busy two-core machine.
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
 
-    values, vectors = eigh(Xc.T @ Xc / max(len(X) - 1, 1), subset_by_index=[X.shape[1] - k, X.shape[1] - 1])
-    order = np.argsort(values)[::-1]
-    components = vectors[:, order].T
-    components *= np.where(components[np.arange(k), np.abs(components).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
-    scales = np.sqrt(np.clip(values[order], 0, None)) + 1e-9
+    solver = "arpack" if k < min(X.shape) else "full"
+    with threadpool_limits(limits=1, user_api="blas"):
+        pca = PCA(n_components=k, svd_solver=solver, random_state=0).fit(X)
+    mean, components = pca.mean_, pca.components_
+    scales = np.sqrt(np.clip(pca.explained_variance_, 0, None)) + 1e-9
     gate = OODGate(mean, components, scales, np.zeros(2), np.ones(2), np.inf, reject_rate)
     gate.centers, gate.spreads = _robust(gate.raw_signals(X))
     reference = X_val if X_val is not None and len(X_val) >= 20 else X
