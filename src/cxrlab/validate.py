@@ -9,90 +9,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import math
-import numbers
 import os
 import re
 import tempfile
 from pathlib import Path
 
+from .checks import option_message, check_choice, check_float, check_int
 from .errors import DataError
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn accept seeds in [0, 2**32)
 MIN_FREE_BYTES = 1  # an output on a device with no free byte at all fails up front
-
-
-def _named(name: str, problem: str) -> str:
-    return f"{name} {problem}" if name else problem
-
-
-# ------------------------------------------------------------------ numbers
-def check_int(name: str, value, lo: int | None = None, hi: int | None = None, *, special: tuple = (),
-              special_text: str = "") -> int:
-    """``value`` as an int in [lo, hi] (or one of ``special``, e.g. -1 for 'all'); DataError otherwise."""
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise DataError(_named(name, f"must be a whole number{_range_text(lo, hi, special_text)}, "
-                                         f"got {value!r}")) from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DataError(_named(name, f"must be a whole number{_range_text(lo, hi, special_text)}, got {value!r}"))
-    value = int(value)
-    if value in special:
-        return value
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise DataError(_named(name, f"must be a whole number{_range_text(lo, hi, special_text)}, got {value}"))
-    return value
-
-
-def check_float(name: str, value, lo: float | None = None, hi: float | None = None, *,
-                lo_open: bool = False, hi_open: bool = False) -> float:
-    """``value`` as a finite float within the bounds (open or closed); DataError otherwise."""
-    bounds = _bounds_text(lo, hi, lo_open, hi_open)
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise DataError(_named(name, f"must be a number{bounds}, got {value!r}")) from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise DataError(_named(name, f"must be a number{bounds}, got {value!r}"))
-    value = float(value)
-    if not math.isfinite(value):
-        raise DataError(_named(name, f"must be a finite number{bounds}, got {value}"))
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise DataError(_named(name, f"must be a number{bounds}, got {value:g}"))
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise DataError(_named(name, f"must be a number{bounds}, got {value:g}"))
-    return value
-
-
-def _range_text(lo, hi, special_text: str) -> str:
-    if lo is not None and hi is not None:
-        text = f" from {lo} to {hi}"
-    elif lo is not None:
-        text = f" >= {lo}"
-    elif hi is not None:
-        text = f" <= {hi}"
-    else:
-        text = ""
-    return text + (f" ({special_text})" if special_text else "")
-
-
-def _bounds_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
-    if lo is not None and hi is not None:
-        return f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    if lo is not None:
-        return f" {'>' if lo_open else '>='} {lo:g}"
-    if hi is not None:
-        return f" {'<' if hi_open else '<='} {hi:g}"
-    return ""
-
-
-def check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise DataError(_named(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}"))
-    return value
 
 
 def check_percentages(validation_percentage, testing_percentage) -> None:
@@ -107,11 +33,11 @@ def check_regex(name: str, pattern: str | None) -> None:
     if pattern is None:
         return
     if not isinstance(pattern, str):
-        raise DataError(_named(name, f"must be a regular expression, got {pattern!r}"))
+        raise DataError(option_message(name, f"must be a regular expression, got {pattern!r}"))
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise DataError(_named(name, f"is not a valid regular expression ({exc})")) from None
+        raise DataError(option_message(name, f"is not a valid regular expression ({exc})")) from None
 
 
 def check_seed(value) -> int:
@@ -180,31 +106,31 @@ def as_path(name: str, path) -> Path:
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise DataError(_named(name, f"must be a file or folder name, got {path!r}"))
+        raise DataError(option_message(name, f"must be a file or folder name, got {path!r}"))
     if "\x00" in str(path):
-        raise DataError(_named(name, f"{str(path)!r}: a file name cannot contain a NUL character"))
+        raise DataError(option_message(name, f"{str(path)!r}: a file name cannot contain a NUL character"))
     return Path(path)
 
 
 def check_existing_dir(name: str, path) -> Path:
     p = as_path(name, path)
     if not p.exists():
-        raise DataError(_named(name, f"{p}: no such folder"))
+        raise DataError(option_message(name, f"{p}: no such folder"))
     if not p.is_dir():
-        raise DataError(_named(name, f"{p}: is a file, not a folder"))
+        raise DataError(option_message(name, f"{p}: is a file, not a folder"))
     if not os.access(p, os.R_OK | os.X_OK):
-        raise DataError(_named(name, f"{p}: permission denied (cannot list the folder)"))
+        raise DataError(option_message(name, f"{p}: permission denied (cannot list the folder)"))
     return p
 
 
 def check_existing_file(name: str, path) -> Path:
     p = as_path(name, path)
     if not p.exists():
-        raise DataError(_named(name, f"{p}: no such file"))
+        raise DataError(option_message(name, f"{p}: no such file"))
     if p.is_dir():
-        raise DataError(_named(name, f"{p}: is a folder, not a file"))
+        raise DataError(option_message(name, f"{p}: is a folder, not a file"))
     if not os.access(p, os.R_OK):
-        raise DataError(_named(name, f"{p}: permission denied"))
+        raise DataError(option_message(name, f"{p}: permission denied"))
     return p
 
 
@@ -249,7 +175,7 @@ def check_output_dir(name: str, path) -> Path:
         return p  # refused by cxrlab.outputs, which names the file and says why
     problem = _writable_problem(_first_existing(Path(os.path.abspath(p))))
     if problem:
-        raise DataError(_named(name, problem))
+        raise DataError(option_message(name, problem))
     return p
 
 
@@ -257,12 +183,12 @@ def check_output_file(name: str, path) -> Path:
     """A file that can be (over)written: not a folder, its folder creatable and writable."""
     p = as_path(name, path)
     if p.is_dir():
-        raise DataError(_named(name, f"{p}: is a folder; give a file name"))
+        raise DataError(option_message(name, f"{p}: is a folder; give a file name"))
     if p.exists() and not os.access(p, os.W_OK):
-        raise DataError(_named(name, f"{p}: permission denied"))
+        raise DataError(option_message(name, f"{p}: permission denied"))
     problem = _writable_problem(_first_existing(Path(os.path.abspath(p)).parent))
     if problem:
-        raise DataError(_named(name, problem))
+        raise DataError(option_message(name, problem))
     return p
 
 

@@ -94,7 +94,7 @@ class FineTuneOptions:
 
     def _rules(self) -> dict:
         """One check per option, keyed like --ft (``augment.`` for the augmentation fields)."""
-        from ..validate import check_choice, check_float, check_int
+        from ..checks import check_choice, check_float, check_int
 
         def whole(name, lo, hi=None, special=(), special_text=""):
             return lambda: check_int(f"--ft {name}", getattr(self, name), lo, hi, special=special,
