@@ -449,7 +449,7 @@ def run_explain(a) -> int:
         if s["flag"]:
             print("warning: most of the heat is in the image border: the model may be looking at text markers "
                   "or borders rather than the lungs")
-    return 0 if heatmaps else 1
+    return 0 if heatmaps and not skipped else 1  # like predict: 1 when any requested file failed
 
 
 def run_compare(a) -> int:
