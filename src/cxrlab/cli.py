@@ -329,7 +329,7 @@ def run_predict(a) -> int:
     if a.explain:  # before any work
         from .explain import check_output
 
-        v.check_output_dir("--explain", a.explain)
+        v.check_writable_dir("--explain", a.explain)
         check_output(a.explain, a.model, a.paths)
     model = load_model_arg(a)
     preds = predict_with_progress(model, a.paths, ood=not a.no_ood)
@@ -386,7 +386,7 @@ def run_cv(a) -> int:
     from .progress import TqdmProgress
 
     if a.output:  # before any work
-        v.check_output_dir("--output", a.output)
+        v.check_writable_dir("--output", a.output)
         check_output_dir(a.output, "cv", inputs=[a.image_dir], files=["metrics.json"],
                          classes=folder_classes(a.image_dir))
     ft = _fine_tune_args(a)
@@ -420,7 +420,7 @@ def run_datasets(a) -> int:
     from .datasets import download, layout_archive
     from .progress import TqdmProgress
 
-    v.check_output_dir("DEST", a.dest)
+    v.check_writable_dir("DEST", a.dest)
     if a.archive:
         r = layout_archive(a.name, a.archive, a.dest, sha256=a.sha256)
     else:
@@ -434,7 +434,7 @@ def run_datasets(a) -> int:
 def run_explain(a) -> int:
     from .explain import explain_paths, summary
 
-    v.check_output_dir("--output", a.output)
+    v.check_writable_dir("--output", a.output)
     skipped: list[tuple[str, str]] = []
     heatmaps = explain_paths(load_model_arg(a), a.paths, a.output, skipped=skipped)
     print(f"{len(heatmaps)} heatmap(s) written to {a.output}")
@@ -456,7 +456,7 @@ def run_compare(a) -> int:
     from .compare import compare, format_table
 
     if a.output:
-        v.check_output_dir("--output", a.output)
+        v.check_writable_dir("--output", a.output)
     r = compare(a.dirs, output=a.output, names=a.names)
     print("\n".join(format_table(r)))
     for note in r["notes"]:
@@ -473,7 +473,7 @@ def run_site_shift(a) -> int:
     inputs = [a.model, a.data]
     v.check_existing_dir("DATA", a.data)
     if a.output:  # before any work
-        v.check_output_dir("--output", a.output)
+        v.check_writable_dir("--output", a.output)
         check_output_dir(a.output, "site-shift", inputs=inputs, files=["site_shift.json"],
                          classes=model_labels(a.model))
     rows = site_shift_folder(load_model_arg(a), a.data, label_from_name=a.label_from_name)

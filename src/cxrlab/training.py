@@ -211,7 +211,6 @@ def train(
     train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
     started = time.time()
     run_dir, model_dir = _output_dirs(o.output, [image_dir], o.summaries_dir, o.bottleneck_dir)
-    check_calibration(o.calibration)
     image_dir = Path(image_dir)
     dataset = discover(image_dir, label_from_name=o.label_from_name, label_map=o.label_map)
     previous = Manifest.read(o.split_file) if o.split_file else None

@@ -165,7 +165,7 @@ def _writable_problem(folder: Path) -> str | None:
     return None
 
 
-def check_output_dir(name: str, path) -> Path:
+def check_writable_dir(name: str, path) -> Path:
     """A folder that can be created or written: writable, on a file system that is not read-only or full.
 
     Whether an existing path may be used at all (a user's file or folder, the data itself) is the output
@@ -241,10 +241,10 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
     if fine_tune:
         _check_fine_tune(backbone, fine_tune_options, epochs)
     if bottleneck_dir is not None:
-        check_output_dir("--bottleneck-dir", bottleneck_dir)
+        check_writable_dir("--bottleneck-dir", bottleneck_dir)
     if summaries_dir is not None:
-        check_output_dir("--summaries-dir", summaries_dir)
-    check_output_dir("--output", output if output is not None else "runs")
+        check_writable_dir("--summaries-dir", summaries_dir)
+    check_writable_dir("--output", output if output is not None else "runs")
 
 
 def _check_fine_tune(backbone: str, fine_tune_options, epochs: int | None) -> None:
@@ -288,7 +288,7 @@ def cv_arguments(*, image_dir, folds, backbone, group_regex, positive_label, ope
     if fine_tune:
         _check_fine_tune(backbone, fine_tune_options, epochs=None)
     if bottleneck_dir is not None:
-        check_output_dir("--bottleneck-dir", bottleneck_dir)
+        check_writable_dir("--bottleneck-dir", bottleneck_dir)
 
 
 def check_folds(folds: int, groups_by_label: dict[str, set]) -> None:
@@ -305,4 +305,4 @@ def evaluate_arguments(*, data_dir, label_from_name, output, **_rest) -> None:
     if label_from_name is not None and not isinstance(label_from_name, str):
         raise DataError(f"--label-from-name must be 'nlm' or a regular expression, got {label_from_name!r}")
     if output is not None:
-        check_output_dir("--output", output)
+        check_writable_dir("--output", output)
