@@ -146,6 +146,24 @@ def augment_batch(x, size: int, cfg: AugmentConfig, gen):
         blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k)
         x = x + (u() * cfg.sharpen).view(view) * (x - blurred)
     x = x.clamp(0.0, 1.0)
+    if cfg.film_curve:
+        pick = (torch.rand(n, generator=gen) < cfg.film_curve).view(view)
+        k = (4.0 + 8.0 * torch.rand(n, generator=gen)).view(view)
+        med = x.flatten(1).median(dim=1).values.view(view)
+        s = torch.sigmoid(k * (x - med))
+        lo, hi = s.amin(dim=(1, 2, 3), keepdim=True), s.amax(dim=(1, 2, 3), keepdim=True)
+        x = torch.where(pick, (s - lo) / (hi - lo).clamp(min=1e-6), x)
+    if cfg.lowres:
+        pick = torch.rand(n, generator=gen) < cfg.lowres
+        sides = torch.randint(64, 161, (n,), generator=gen)
+        if bool(pick.any()):
+            x = x.clone()
+            for i in torch.nonzero(pick).flatten().tolist():
+                small = F.interpolate(x[i : i + 1], size=(int(sides[i]),) * 2, mode="bilinear", antialias=True,
+                                      align_corners=False)
+                x[i : i + 1] = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    if cfg.noise:
+        x = (x + torch.randn(x.shape, generator=gen) * (u(0.0, 1.0) * cfg.noise).view(view)).clamp(0.0, 1.0)
     if cfg.invert:
         inv = (torch.rand(n, generator=gen) < cfg.invert).view(view)
         x = torch.where(inv, 1.0 - x, x)

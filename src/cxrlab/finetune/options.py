@@ -26,10 +26,13 @@ class AugmentConfig:
     jpeg: float = 0.25  # probability of JPEG re-compression at quality 20..90
     flip: bool = False  # horizontal flip: off, the heart would swap sides
     invert: float = 0.0  # probability of inverted polarity (off: a negative is an error, not a site)
+    lowres: float = 0.0  # probability of resolution loss: down to 64-160 px and back (older digitisers, thumbnails)
+    noise: float = 0.0  # Gaussian noise, std up to this (in [0, 1] intensity units; quantum noise of low-dose films)
+    film_curve: float = 0.0  # probability of a film-like S-curve of random steepness around the image median
 
     @classmethod
     def none(cls) -> "AugmentConfig":
-        return cls(0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0)
+        return cls(0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0, 0, 0)
 
 
 @dataclass
@@ -134,7 +137,8 @@ class FineTuneOptions:
             "augment.translate": number("augment.translate", 0, 0.5),
             "augment.flip": flag("augment.flip"),
         }
-        for name in ("scale", "aspect", "brightness", "contrast", "gamma", "sharpen", "jpeg", "invert"):
+        for name in ("scale", "aspect", "brightness", "contrast", "gamma", "sharpen", "jpeg", "invert", "lowres",
+                     "noise", "film_curve"):
             rules[f"augment.{name}"] = number(f"augment.{name}", 0, 1)
         return rules
 
