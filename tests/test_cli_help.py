@@ -115,7 +115,7 @@ def test_short_spellings_still_work():
     a = build_parser().parse_args(["predict", "-m", "model", "x.png"])
     assert a.model == "model"
     a = build_parser().parse_args(["train", "lungs", "-o", "out", "-q"])
-    assert (a.output, a.quiet, a.image_dir_pos) == ("out", True, "lungs")
+    assert (a.output, a.quiet, a.image_dir_pos) == ("out", True, ["lungs"])  # one folder per site
     a = build_parser().parse_args(["predict", "--top", "3", "-m", "m", "x.png"])  # a unique abbreviation
     assert a.top_k == 3
 

@@ -95,8 +95,8 @@ def no_expensive_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise ExpensiveWorkStarted("expensive work started before the options were validated")
 
-    for module, name in (("cxrlab.training", "discover"), ("cxrlab.training", "create_backbone"),
-                         ("cxrlab.crossval", "discover"), ("cxrlab.evaluate", "Model"),
+    for module, name in (("cxrlab.training", "discover_sites"), ("cxrlab.training", "create_backbone"),
+                         ("cxrlab.crossval", "discover_sites"), ("cxrlab.evaluate", "Model"),
                          ("cxrlab.evaluate", "discover")):
         monkeypatch.setattr(_module(module), name, refuse)
 
@@ -423,7 +423,7 @@ def test_evaluate_when_every_image_is_refused(model, tmp_path, noise_image):
 def test_cv_with_more_folds_than_images_fails_before_embedding(lungs, tiny, no_expensive_work, monkeypatch):
     from cxrlab import discover as discover_module
 
-    monkeypatch.setattr("cxrlab.crossval.discover", discover_module.discover)  # discovery is cheap: allowed
+    monkeypatch.setattr("cxrlab.crossval.discover_sites", discover_module.discover_sites)  # discovery is cheap: allowed
     line = one_error_line(*call(["cv", lungs, "--backbone", tiny, "--folds", "13"]))
     assert "--folds 13" in line and "has only 12" in line
 

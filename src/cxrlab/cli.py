@@ -135,7 +135,9 @@ def add_quiet_option(p) -> None:
 
 def add_train_options(p) -> None:
     t = TrainOptions()
-    p.add_argument("image_dir_pos", nargs="?", metavar="IMAGE_DIR", help="folder with one subfolder per class")
+    p.add_argument("image_dir_pos", nargs="*", metavar="IMAGE_DIR",
+                   help="folder with one subfolder per class; several folders: one per site (hospital), "
+                        "trained on together with figures per site; a CSV with path,label[,site] columns also works")
     _flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
     add_output_option(p, "the model: model.onnx, labels.txt, cxrlab.json, report.html",
                       default_help="; default: runs/<timestamp>/model")
@@ -203,13 +205,19 @@ def run_train(a) -> int:
     from .progress import TqdmProgress
     from .training import train
 
-    image_dir = a.image_dir or a.image_dir_pos
+    image_dir = image_inputs(a)
     if not image_dir:
         raise CxrlabError("give the image folder: cxrlab train IMAGE_DIR (or --image-dir)")
     r = train(image_dir, output=a.output, on_step=None if a.quiet else print_step,
               progress=None if a.quiet else TqdmProgress(), **train_kwargs(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
     return 0
+
+
+def image_inputs(a):
+    """train's image folder(s): IMAGE_DIR arguments and --image-dir together; one folder as itself."""
+    found = ([a.image_dir] if a.image_dir else []) + list(getattr(a, "image_dir_pos", None) or [])
+    return found[0] if len(found) == 1 else found
 
 
 def train_kwargs(a) -> dict:
@@ -260,6 +268,10 @@ def render_train_result(r, *, print_misclassified: bool = False) -> None:
         print(f"Test ROC AUC = {test['auc']:.3f} [{lo:.3f}-{hi:.3f}]")
     if "who_verdict" in test:
         print(test["who_verdict"])
+    for site, m in (r.metrics.get("test_by_site") or {}).items():
+        print(f"Site {site}: " + (f"AUC {m['auc']:.3f}, sensitivity {m['sensitivity'] * 100:.1f}%, "
+                                  f"specificity {m['specificity'] * 100:.1f}% (N={m['n']})" if "auc" in m
+                                  else f"{m['n']} test image(s) of a single class: no AUC"))
     heat = r.metrics.get("heatmaps") or {}
     if heat.get("mean_border_share") is not None:
         print(f"Border heat share: mean {heat['mean_border_share'] * 100:.1f}% (n={heat['n']})")
@@ -387,19 +399,19 @@ def run_cv(a) -> int:
 
     if a.output:  # before any work
         v.check_writable_dir("--output", a.output)
-        check_output_dir(a.output, "cv", inputs=[a.image_dir], files=["metrics.json"],
-                         classes=folder_classes(a.image_dir))
+        check_output_dir(a.output, "cv", inputs=a.image_dir, files=["metrics.json"],
+                         classes=[c for d in a.image_dir for c in folder_classes(d)])
     ft = _fine_tune_args(a)
-    r = cross_validate(a.image_dir, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
+    r = cross_validate(a.image_dir if len(a.image_dir) > 1 else a.image_dir[0], by_site=a.by_site, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
                        precision=a.precision, fine_tune=bool(ft), fine_tune_options=ft.get("fine_tune_options"))
     for row in r["folds"]:
-        print(f"fold {row['fold']}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
+        print(f"{'site ' + row['site'] if 'site' in row else 'fold ' + str(row['fold'])}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
               f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")
     for key, s in r["summary"].items():
         print(f"{key:12} {s['mean']:.3f} ± {s['sd']:.3f}")
     if a.output:
-        out = claim(a.output, "cv", inputs=[a.image_dir], files=["metrics.json"])
+        out = claim(a.output, "cv", inputs=a.image_dir, files=["metrics.json"])
         atomic_write_bytes(out / "metrics.json", json.dumps(r, indent=2).encode())
     return 0
 
@@ -578,7 +590,10 @@ def add_cv_options(p) -> None:
     t = TrainOptions()  # cv shares train's defaults, but for its folds and its positive class
     d = {"folds": DEFAULT_FOLDS, "backbone": t.backbone, "positive_label": CV_POSITIVE_LABEL,
          "precision": t.precision, "seed": t.seed}
-    p.add_argument("image_dir", metavar="IMAGE_DIR", help="folder with one subfolder per class")
+    p.add_argument("image_dir", nargs="+", metavar="IMAGE_DIR",
+                   help="folder with one subfolder per class; several: one per site (folds stratified by site)")
+    _flag(p, "by_site", action="store_true",
+          help="leave one site out: each site in turn is tested on a model trained on the others")
     _flag(p, "folds", type=v.folds, default=d["folds"], metavar="K", help="2 or more, at most the images (patients) of a class")
     add_backbone_option(p, d["backbone"])
     add_label_from_name_option(p)

@@ -12,16 +12,17 @@ ARCHITECTURES = {"inception_v3": "inception-v3", "mobilenet": "efficientnet-lite
 
 
 def _run_retrain(a) -> int:
-    from .cli import print_step
+    from .cli import image_inputs, print_step
     from .fsutil import atomic_write_bytes
     from .progress import TqdmProgress
     from .training import train
 
-    image_dir = a.image_dir or a.image_dir_pos
-    if not image_dir:
+    image_dir = image_inputs(a)
+    if not image_dir or isinstance(image_dir, list):
         from .errors import CxrlabError
 
-        raise CxrlabError("give the image folder with --image_dir")
+        raise CxrlabError("give one image folder with --image_dir" + (" (retrain takes a single folder; "
+                          "`cxrlab train` takes one per site)" if image_dir else ""))
     from .validate import check_output_file
 
     graph = Path(check_output_file("--output_graph", a.output_graph))

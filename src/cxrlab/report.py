@@ -82,15 +82,16 @@ def write_evaluation(output_dir, *, title, rows, labels, positive_label, thresho
                       positive_label=positive_label, threshold=threshold, report=_report_of(metrics),
                       reference=_report_of(reference_metrics), training_curve=training_curve,
                       rejected=rejected, notes=notes, summary=summary, image_root=image_root,
-                      heatmaps=heatmaps)
+                      heatmaps=heatmaps, by_site=(metrics or {}).get("test_by_site"))
 
 
 def write_report_html(path, *, title, rows, labels, positive_label=None, threshold=None, report=None,
                       reference=None, training_curve=None, rejected=None, notes=(), summary=(),
-                      image_root=None, heatmaps=None) -> None:
+                      image_root=None, heatmaps=None, by_site=None) -> None:
     """Render the self-contained HTML report (plots and thumbnails as base64 data URIs).
 
     ``heatmaps``: {"summary": explain.summary(...), "groups": [(title, [(path, caption, png)])]}, or None.
+    ``by_site``: {site: binary report} of a multi-site run, shown as one table row per site.
     """
     labels = list(labels)
     binary = _is_binary(labels, positive_label, threshold)
@@ -102,7 +103,8 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
     plots = _plots(known, labels, positive, threshold, training_curve)
     html = render_html(
         "report.html.j2", title=str(title), summary=[*map(str, summary), *_data_summary(rows, labels, scope)],
-        verdict=_verdict(report, binary), scope=scope, tables=_metric_tables(report, reference),
+        verdict=_verdict(report, binary), scope=scope,
+        tables=_metric_tables(report, reference) + _site_tables(by_site),
         plots=[{"alt": alt, "uri": _uri(png)} for alt, png in plots], heatmaps=_heatmap_view(heatmaps),
         wrong=_misclassified(known, labels, positive, threshold, image_root, notes),
         rejected=_rejected(list(rejected or ()), image_root, notes),
@@ -130,7 +132,7 @@ def _run_rows(entries, probs_by_relpath, labels, positive, threshold) -> list[di
         else:
             pred = labels[int(np.argmax(p))]
         rows.append({"path": e.relpath, "true_label": e.label, "scores": p, "predicted_label": pred,
-                     "correct": pred == e.label, "split": e.split})
+                     "correct": pred == e.label, "split": e.split, "site": getattr(e, "site", "")})
     return rows
 
 
@@ -159,11 +161,14 @@ def _report_of(metrics):
 def _predictions_csv(rows, labels) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "true_label", *[f"score_{lab}" for lab in labels], "predicted_label", "correct", "split"])
+    sites = any(r.get("site") for r in rows)  # the column only where images carry a site
+    w.writerow(["path", "true_label", *[f"score_{lab}" for lab in labels], "predicted_label", "correct", "split",
+                *(["site"] if sites else [])])
     for r in rows:
         c = r.get("correct")
         w.writerow([r["path"], r.get("true_label") or "", *[f"{float(s):.6f}" for s in r["scores"]],
-                    r["predicted_label"], "" if c is None else int(bool(c)), r.get("split") or ""])
+                    r["predicted_label"], "" if c is None else int(bool(c)), r.get("split") or "",
+                    *([r.get("site") or ""] if sites else [])])
     return buf.getvalue().encode("utf-8", "backslashreplace")  # a path that is not UTF-8
 
 
@@ -246,6 +251,17 @@ def _metric_tables(report, reference) -> list[dict]:
                    [[name, fmt(report)] + ([fmt(reference)] if reference else []) for name, fmt in overall]),
             _table(["Class", "Support", "AUC [95% CI]", "Sensitivity [95% CI]", "Specificity [95% CI]", "PPV", "F1"],
                    per_class, heading="Per class (one-vs-rest)")]
+
+
+def _site_tables(by_site) -> list[dict]:
+    """Per-site figures at the one shared operating point: where a model trained on several hospitals is weak."""
+    if not by_site:
+        return []
+    rows = [[str(site), str(m.get("n")), auc_text(m.get("auc"), m.get("auc_ci")),
+             pct(m.get("sensitivity"), m.get("sensitivity_ci")), pct(m.get("specificity"), m.get("specificity_ci")),
+             pct(m.get("accuracy"))] for site, m in by_site.items()]
+    return [_table(["Site", "n", "AUC [95% CI]", "Sensitivity [95% CI]", "Specificity [95% CI]", "Accuracy"], rows,
+                   heading="Per site (test split, same threshold)")]
 
 
 # ----------------------------------------------------------------- images

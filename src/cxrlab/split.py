@@ -15,7 +15,8 @@ from .errors import DataError
 
 SPLITS = ("train", "validation", "test")
 _MAX_PER_CLASS = 2**27 - 1  # the tutorial's MAX_NUM_IMAGES_PER_CLASS
-MANIFEST_FIELDS = ("relpath", "label", "group", "split")
+MANIFEST_FIELDS = ("relpath", "label", "group", "split", "site")
+_OPTIONAL_FIELDS = ("site",)  # split files written before sites were recorded lack it
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Entry:
     label: str
     group: str
     split: str
+    site: str = ""
 
 
 def group_key(relpath: str, group_regex: str | re.Pattern | None = None) -> str:
@@ -73,7 +75,8 @@ class Manifest:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(MANIFEST_FIELDS)
         for e in sorted(self.entries, key=lambda e: e.relpath):
-            writer.writerow([printable_name(e.relpath), printable_name(e.label), printable_name(e.group), e.split])
+            writer.writerow([printable_name(e.relpath), printable_name(e.label), printable_name(e.group), e.split,
+                             printable_name(e.site)])
         return buf.getvalue()
 
     def digest(self) -> str:
@@ -97,19 +100,20 @@ class Manifest:
         except csv.Error as exc:
             raise DataError(f"{shown}: not a cxrlab split file ({exc})") from None
         header = rows[0] if rows else []
-        if rows and set(MANIFEST_FIELDS) - set(header):
+        if rows and set(MANIFEST_FIELDS) - set(_OPTIONAL_FIELDS) - set(header):
             raise DataError(f"{shown}: not a cxrlab split file; expected columns {', '.join(MANIFEST_FIELDS)}")
-        column = {name: header.index(name) for name in MANIFEST_FIELDS} if rows else {}
+        column = {name: header.index(name) for name in MANIFEST_FIELDS if name in header} if rows else {}
         entries = []
         for i, row in enumerate(rows[1:], start=2):
             if not row:
                 continue
             if len(row) < len(header):
                 raise DataError(f"{shown}, line {i}: {len(row)} column(s), expected {len(header)}")
-            relpath, label, group, split = (row[column[name]] for name in MANIFEST_FIELDS)
+            relpath, label, group, split, site = (row[column[name]] if name in column else ""
+                                                  for name in MANIFEST_FIELDS)
             if split not in SPLITS:
                 raise DataError(f"{shown}, line {i}: split {split!r} is not one of {', '.join(SPLITS)}")
-            entries.append(Entry(relpath, label, group, split))
+            entries.append(Entry(relpath, label, group, split, site))
         return cls(entries)
 
 
@@ -121,7 +125,8 @@ def split_samples(
     group_regex: str | None = None,
     previous: Manifest | None = None,
 ) -> tuple[Manifest, list[str]]:
-    """Assign every sample to a split; samples listed in ``previous`` keep their split.
+    """Assign every sample to a split; samples listed in ``previous`` keep their split. The split hashes each
+    image's group key, so every site is split in the same proportions (within each site, not across them).
 
     Returns the manifest and notes (e.g. images of the split file that are no longer on disk).
     """
@@ -140,11 +145,11 @@ def split_samples(
                     f"{s.relpath}: labelled '{s.label}' on disk but '{old.label}' in the split file; "
                     "fix the folder or drop --split-file"
                 )
-            entries.append(replace(old))
+            entries.append(replace(old, site=s.site))
             continue
         key = group_key(s.relpath, regex)
         split = assign_split(key, validation_percentage=validation_percentage, testing_percentage=testing_percentage)
-        entries.append(Entry(s.relpath, s.label, key, split))
+        entries.append(Entry(s.relpath, s.label, key, split, s.site))
     if previous:
         on_disk = {s.relpath for s in samples}
         missing = [r for r in known if r not in on_disk]

@@ -10,14 +10,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from .backbones import cache_dir, create_backbone
 from .cache import EmbeddingStore
 from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, softmax
-from .discover import discover
+from .discover import Dataset, discover_sites
 from .embed import Embedder, SkippedFile
 from .errors import DataError
 from .fit import Fit, Splits, fit_linear
@@ -58,7 +58,7 @@ _DEFAULT = TrainOptions()  # train()'s keyword defaults are read from here: writ
 
 
 def train(
-    image_dir: str | os.PathLike,
+    image_dir: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     output: str | os.PathLike | None = _DEFAULT.output,
     backbone: str = _DEFAULT.backbone,
@@ -107,9 +107,11 @@ def train(
 
     Parameters
     ----------
-    image_dir : str or os.PathLike
+    image_dir : str, os.PathLike, or a list of them
         Folder with one subfolder per class (``lungs/normal``, ``lungs/abnormal``), or a flat folder
-        with ``label_from_name``.
+        with ``label_from_name``. Several folders: one per site (hospital), trained on together; each
+        is split in the same proportions and every figure is also given per site. A ``.csv`` file with
+        columns ``path,label[,site]`` may stand for a folder.
     output : str, os.PathLike or None
         Model directory to write. None: ``runs/<timestamp>/model`` with the run's report beside it.
     backbone : str
@@ -210,9 +212,10 @@ def train(
     o = TrainOptions(**{name: value for name, value in locals().items() if name != "image_dir"})
     train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
     started = time.time()
-    run_dir, model_dir = _output_dirs(o.output, [image_dir], o.summaries_dir, o.bottleneck_dir)
-    image_dir = Path(image_dir)
-    dataset = discover(image_dir, label_from_name=o.label_from_name, label_map=o.label_map)
+    inputs = [Path(p) for p in (image_dir if isinstance(image_dir, (list, tuple)) else [image_dir])]
+    run_dir, model_dir = _output_dirs(o.output, inputs, o.summaries_dir, o.bottleneck_dir)
+    dataset = discover_sites(inputs, label_from_name=o.label_from_name, label_map=o.label_map)
+    image_dir = dataset.root
     previous = Manifest.read(o.split_file) if o.split_file else None
     manifest, split_notes = split_samples(dataset.samples, validation_percentage=o.validation_percentage,
                                           testing_percentage=o.testing_percentage, group_regex=o.group_regex,
@@ -236,13 +239,12 @@ def train(
         split={"manifest_sha256": manifest.digest(), "counts": manifest.counts(),
                "validation_percentage": o.validation_percentage, "testing_percentage": o.testing_percentage,
                "group_regex": o.group_regex, "label_from_name": o.label_from_name},
-        training_data={"image_dir_name": image_dir.resolve().name, "counts": dataset.counts(),
-                       "n_skipped": len(frozen.skipped)},
+        training_data=_training_data(dataset, len(frozen.skipped)),
         seed=o.seed, flags=o.flags(), metrics=metrics, fine_tune=fit.fine_tune_info, ood=gate.info() if gate else None)
     onnx_bytes = fuse_head(fit.backbone.onnx_path, cal.head.coef_, cal.head.intercept_, temperature=cal.temperature,
                            metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
     if run_dir != model_dir:
-        claim(run_dir, "train", files=(model_dir.name, *RUN_FILES), inputs=[image_dir])
+        claim(run_dir, "train", files=(model_dir.name, *RUN_FILES), inputs=inputs)
     save_model(model_dir, onnx_bytes=onnx_bytes, labels=labels, info=info, arrays=gate.arrays() if gate else {})
     claim(run_dir, "train", files=RUN_FILES)
     manifest.write(run_dir / "split.csv")
@@ -264,6 +266,15 @@ def train(
         if "heatmaps" in written:
             result.metrics["heatmaps"] = written["heatmaps"]
     return result
+
+
+def _training_data(dataset: Dataset, n_skipped: int) -> dict:
+    """cxrlab.json's record of the data: folder name(s), class counts, and per site when there are several."""
+    out = {"image_dir_name": ", ".join(p.resolve().name for p in dataset.inputs), "counts": dataset.counts(),
+           "n_skipped": n_skipped}
+    if len(dataset.sites) > 1:
+        out["sites"] = dataset.counts_by_site()
+    return out
 
 
 @dataclass
@@ -334,12 +345,31 @@ def evaluate_split(fit: Fit, cal: Calibrated, splits: Splits, labels: list[str],
     metrics: dict = {"n": {"train": len(splits.train), "validation": len(splits.validation), "test": len(rows)},
                      "final_test_accuracy_argmax": float(np.mean(P.argmax(1) == y)) if len(X) else None}
     pos = splits.label_index[positive] if cal.operating_point is not None else None
+    threshold = cal.operating_point and cal.operating_point.threshold
+    raw_head = getattr(cal.head, "raw", cal.head)
     if len(X) and len(np.unique(y)) >= 2:
-        raw = softmax(getattr(cal.head, "raw", cal.head).decision_function(X))[:, pos] if pos is not None else None
-        metrics["test"] = test_report(y, P, labels, pos, cal.operating_point and cal.operating_point.threshold, raw)
+        raw = softmax(raw_head.decision_function(X))[:, pos] if pos is not None else None
+        metrics["test"] = test_report(y, P, labels, pos, threshold, raw)
     elif len(X) and notes is not None:
         notes.append("the test split holds a single class: ROC AUC and sensitivity/specificity cannot be computed")
+    sites = sorted({r.site for r in rows})
+    if len(sites) > 1:
+        metrics["test_by_site"] = {site: _site_report(np.array([r.site == site for r in rows]), y, P, X, labels, pos,
+                                                      threshold, raw_head) for site in sites}
     return metrics, rows, P
+
+
+def _site_report(mask: np.ndarray, y: np.ndarray, P: np.ndarray, X: np.ndarray, labels, pos, threshold,
+                 raw_head) -> dict:
+    """One site's test figures at the shared operating point (counts only when it holds a single class)."""
+    y_s, P_s = y[mask], P[mask]
+    out = {"n": int(mask.sum()), "accuracy": float(np.mean(P_s.argmax(1) == y_s)) if mask.any() else None}
+    if len(np.unique(y_s)) >= 2:
+        raw = softmax(raw_head.decision_function(X[mask]))[:, pos] if pos is not None else None
+        out.update(test_report(y_s, P_s, labels, pos, threshold, raw))
+    else:
+        out["note"] = "a single class in this site's test images: no AUC or sensitivity/specificity"
+    return out
 
 
 def _site_shifted_validation(fit: Fit, splits: Splits, digests: dict, image_dir: Path, progress):
@@ -406,7 +436,8 @@ def _all_probs(rows, fit: Fit, cal: Calibrated) -> dict[str, np.ndarray]:
 def _output_dirs(output, inputs, summaries_dir=None, bottleneck_dir=None) -> tuple[Path, Path]:
     """(run folder, model folder), refused before any work where writing would replace, hide or
     delete the user's data (see outputs.py)."""
-    classes = folder_classes(inputs[0])
+    classes = [c for folder in inputs for c in folder_classes(folder)]
+    inputs = [p.parent if p.suffix.lower() == ".csv" and p.is_file() else p for p in map(Path, inputs)]
     if output is None:
         stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         run_dir, n = stamp, 1

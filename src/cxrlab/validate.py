@@ -123,6 +123,19 @@ def check_existing_dir(name: str, path) -> Path:
     return p
 
 
+def check_image_inputs(name: str, inputs) -> list[Path]:
+    """One image folder, or several (one per site); a CSV file (path,label[,site]) may stand for a folder."""
+    many = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    if not many:
+        raise DataError(option_message(name, "give at least one image folder"))
+    out = []
+    for item in many:
+        p = as_path(name, item)
+        out.append(check_existing_file(name, p) if p.suffix.lower() == ".csv" and not p.is_dir()
+                   else check_existing_dir(name, p))
+    return out
+
+
 def check_existing_file(name: str, path) -> Path:
     p = as_path(name, path)
     if not p.exists():
@@ -209,7 +222,7 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
     """Every argument of :func:`cxrlab.training.train` that can be wrong, checked before any work."""
     from .calibrate import parse_operating_point
 
-    check_existing_dir("IMAGE_DIR", image_dir)
+    check_image_inputs("IMAGE_DIR", image_dir)
     check_backbone(backbone)
     check_choice("--solver", solver, ("lbfgs", "sgd"))
     check_choice("--precision", precision, ("fp32", "int8"))
@@ -276,7 +289,7 @@ def cv_arguments(*, image_dir, folds, backbone, group_regex, positive_label, ope
     """Every argument of :func:`cxrlab.crossval.cross_validate` that can be wrong, checked before any work."""
     from .calibrate import parse_operating_point
 
-    check_existing_dir("IMAGE_DIR", image_dir)
+    check_image_inputs("IMAGE_DIR", image_dir)
     check_int("--folds", folds, 2)
     check_backbone(backbone)
     check_regex("--group-regex", group_regex)
