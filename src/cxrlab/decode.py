@@ -22,6 +22,7 @@ alone (deterministic, and the same whether or not the image is downscaled while 
    A declared range is ignored when the image's brightest value stays below 1/256 of it (the
    image would be a single grey level: evidently not its range).
 5. DICOM follows the standard with pydicom's own functions (see ``dicom_decode``).
+Rules 2-4 (``levels``) and the size guard (``check_size``) live in ``pixels``, which ``dicom_decode`` shares.
 
 Guards (each failure is one ImageError naming the file; nothing else escapes ``decode_image``):
 the file size (MAX_FILE_BYTES) before reading, the declared pixel count (MAX_PIXELS) and aspect
