@@ -18,6 +18,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from cxrlab import serve as serve_mod  # noqa: E402
 from cxrlab.modeldir import save_model  # noqa: E402
 from cxrlab.predict import Model, Prediction  # noqa: E402
+from cxrlab.serve_limits import ServeLimits  # noqa: E402
 
 SIZE = 32
 
@@ -167,7 +168,7 @@ def test_empty_and_missing(client):
 
 
 def test_oversized_upload_is_413(model):
-    c = TestClient(serve_mod.create_app(model, max_upload_bytes=2000))
+    c = TestClient(serve_mod.create_app(model, limits=ServeLimits(max_upload_bytes=2000)))
     big = image_bytes("PNG", 0, (300, 300)) + b"\x00" * 5000  # PNG ignores trailing bytes
     r = post(c, ("big.png", big, "image/png"))
     assert r.status_code == 413
@@ -182,7 +183,7 @@ def test_oversized_upload_is_413(model):
 
 def test_whole_body_limit(model):
     assert serve_mod._mib(32 * 2**20) == "32 MiB"
-    c = TestClient(serve_mod.create_app(model, max_upload_bytes=1000, max_files=2))
+    c = TestClient(serve_mod.create_app(model, limits=ServeLimits(max_upload_bytes=1000, max_files=2)))
     r = post(c, ("a.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 4_000_000, "image/png"))
     assert r.status_code == 413 and "request body" in r.json()["detail"]
 
@@ -197,14 +198,14 @@ def test_whole_body_limit(model):
 
 
 def test_too_many_files_is_413(model):
-    c = TestClient(serve_mod.create_app(model, max_files=3))
+    c = TestClient(serve_mod.create_app(model, limits=ServeLimits(max_files=3)))
     png = image_bytes("PNG", size=(8, 8))
     r = post(c, *[(f"{i}.png", png, "image/png") for i in range(4)])
     assert r.status_code == 413 and "limit is 3" in r.json()["detail"]
 
 
 def test_max_pixels_is_passed_to_decode(model):
-    c = TestClient(serve_mod.create_app(model, max_pixels=1000))
+    c = TestClient(serve_mod.create_app(model, limits=ServeLimits(max_pixels=1000)))
     r = post(c, ("wide.png", image_bytes("PNG", size=(100, 100)), "image/png"))
     assert r.status_code == 422 and "more than the limit of 1,000" in r.json()["detail"]
 

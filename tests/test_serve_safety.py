@@ -31,7 +31,7 @@ from cxrlab import serve as serve_mod  # noqa: E402
 from cxrlab.modeldir import save_model  # noqa: E402
 from cxrlab.predict import Model  # noqa: E402
 from cxrlab.serve_http import allowed_hosts_for  # noqa: E402
-from cxrlab.serve_limits import DecodeBudget, Overloaded, estimate_decode_bytes  # noqa: E402
+from cxrlab.serve_limits import DecodeBudget, Overloaded, ServeLimits, estimate_decode_bytes  # noqa: E402
 
 WAIT = 20.0  # the most any single wait in these tests may take before the test gives up
 
@@ -111,7 +111,8 @@ class DecodeSpy:
 
 def test_declared_size_over_the_decode_limit_is_refused_before_decode(model, monkeypatch, tmp_path):
     spy = DecodeSpy(monkeypatch)
-    app = serve_mod.create_app(model, max_decode_bytes=32 * 2**20, decode_budget_bytes=64 * 2**20)
+    app = serve_mod.create_app(model, limits=ServeLimits(max_decode_bytes=32 * 2**20,
+                                                         decode_budget_bytes=64 * 2**20))
     bomb = bomb_png(7000, 7000)  # 49 Mpx (under the 50 Mpx cap) declared in a few dozen bytes
     assert len(bomb) < 200
     with running(app) as port:
@@ -139,8 +140,8 @@ def test_concurrent_decodes_stay_within_the_shared_budget(model, monkeypatch):
     png = image_bytes("PNG", 90, (600, 600))
     cost = estimate_decode_bytes(io.BytesIO(png), min_size=SIZE, max_pixels=50_000_000).nbytes
     # room for two at a time; eight inference slots so only the budget can be what holds the others back
-    app = serve_mod.create_app(model, max_decode_bytes=cost, decode_budget_bytes=int(2.5 * cost),
-                               inference_slots=8, decode_wait_s=WAIT)
+    app = serve_mod.create_app(model, limits=ServeLimits(max_decode_bytes=cost, decode_budget_bytes=int(2.5 * cost),
+                                                         inference_slots=8, decode_wait_s=WAIT))
     spy = DecodeSpy(monkeypatch, overlap=2, hold_s=2.0)
     with running(app) as port, ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda i: post_png(port, png, f"{i}.png"), range(6)))
@@ -153,7 +154,8 @@ def test_concurrent_decodes_stay_within_the_shared_budget(model, monkeypatch):
 def test_decode_overload_answers_503_with_retry_after(model, monkeypatch):
     png = image_bytes("PNG", 90, (600, 600))
     cost = estimate_decode_bytes(io.BytesIO(png), min_size=SIZE, max_pixels=50_000_000).nbytes
-    app = serve_mod.create_app(model, max_decode_bytes=cost, decode_budget_bytes=cost, decode_wait_s=0.2)
+    app = serve_mod.create_app(model, limits=ServeLimits(max_decode_bytes=cost, decode_budget_bytes=cost,
+                                                         decode_wait_s=0.2))
     release = threading.Event()
     real = serve_mod.decode_image
 
@@ -221,7 +223,7 @@ def test_body_limit_is_enforced_while_streaming(model, monkeypatch):
         return await real_spool(self, data)
 
     monkeypatch.setattr(UploadFile, "write", counting_write)
-    app = serve_mod.create_app(model, max_upload_bytes=limit, max_request_bytes=limit)
+    app = serve_mod.create_app(model, limits=ServeLimits(max_upload_bytes=limit, max_request_bytes=limit))
     part = b'--xx\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n\x89PNG\r\n\x1a\n'
     with running(app) as port:
         # a declared Content-Length over the limit: 413 before a byte of the body is sent
@@ -258,7 +260,7 @@ def test_body_limit_is_enforced_while_streaming(model, monkeypatch):
 
 
 def test_slow_clients_are_dropped(model):
-    app = serve_mod.create_app(model, body_timeout_s=1.0)
+    app = serve_mod.create_app(model, limits=ServeLimits(body_timeout_s=1.0))
     with running(app, header_timeout_s=1.0) as port:
         slow = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(50)]
         try:

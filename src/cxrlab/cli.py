@@ -507,7 +507,7 @@ def run_serve(a) -> int:
                                  max_decode_mb=a.max_decode_mb, decode_budget_mb=a.decode_budget_mb,
                                  request_timeout=a.request_timeout)
     serve(a.model, host=a.host, port=a.port, allowed_hosts=a.allowed_host or (), trust_modified=a.trust_modified_model,
-          **limits)
+          limits=limits)
     return 0
 
 

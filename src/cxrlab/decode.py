@@ -22,6 +22,7 @@ alone (deterministic, and the same whether or not the image is downscaled while 
    A declared range is ignored when the image's brightest value stays below 1/256 of it (the
    image would be a single grey level: evidently not its range).
 5. DICOM follows the standard with pydicom's own functions (see ``dicom_decode``).
+Rules 2-4 (``levels``) and the size guard (``check_size``) live in ``pixels``, which ``dicom_decode`` shares.
 
 Guards (each failure is one ImageError naming the file; nothing else escapes ``decode_image``):
 the file size (MAX_FILE_BYTES) before reading, the declared pixel count (MAX_PIXELS) and aspect
@@ -36,19 +37,18 @@ import math
 import os
 import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageError
+from .pixels import MAX_ASPECT, MAX_PIXELS, DecodedImage  # noqa: F401  (the decode API; defined below both decoders)
+from .pixels import check_size, colorfulness, colour_image, error_text, gray_image, levels
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jp2", ".j2k", ".dcm", ".dicom"}
 )
-MAX_PIXELS: int = 120_000_000
-MAX_ASPECT: int = 100  # longer side / shorter side; a 1 x 100,000,000 strip is no radiograph
 MAX_FILE_BYTES: int = 1 << 30
 NOT_REGULAR = "not a regular file (a FIFO, socket or device); give an image file"
 
@@ -56,25 +56,8 @@ _PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "JPEG2000")
 _PIL_MAGIC = (b"\x89PNG", b"GIF8", b"RIFF", b"II*\x00", b"MM\x00*", b"\xff\xd8", b"BM", b"\xff\x4f\xff\x51",
               b"\x00\x00\x00\x0cjP  ")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's 'L'
-_COLOR_THRESHOLD = 0.01  # JPEG chroma rounding in an RGB copy of a gray image stays below this
 _SUPPORTED = "expected JPEG, PNG, BMP, TIFF, WebP, GIF, JPEG 2000 or DICOM"
-_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-_FLOAT_SLACK = 1e-3  # 0..1 float data a resampler pushed a hair outside the range
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    """A decoded image: ``pixels`` is float32 (H, W) in [0, 1], 0 = black, EXIF applied."""
-
-    pixels: np.ndarray
-    width: int  # of the original image after EXIF transpose, before any draft reduction
-    height: int
-    format: str
-    color: bool
-    colorfulness: float
-    bit_depth: int  # significant bits of the samples as decoded (12 for 12-bit data in a 16-bit PNG)
 
 
 def looks_like_image_file(path: str | os.PathLike) -> bool:
@@ -267,18 +250,6 @@ def _open_pillow(data: bytes, label: str):
     raise ImageError(label, f"not an image (file starts with {_head(data)}); {_SUPPORTED}")
 
 
-def check_size(label: str, w: int, h: int, max_pixels: int = MAX_PIXELS) -> None:
-    """Refuse an invalid, oversized or absurdly elongated declared size before decoding a pixel."""
-    if w < 1 or h < 1:
-        raise ImageError(label, f"image has an invalid size {w} x {h}")
-    if w * h > max_pixels:
-        raise ImageError(label, f"image is {w} x {h} = {w * h:,} pixels, more than the limit of "
-                                f"{max_pixels:,} (decompression bomb guard); resize it first")
-    if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ImageError(label, f"image is {w} x {h} pixels: an aspect ratio beyond {MAX_ASPECT}:1 is no "
-                                "radiograph (a corrupt or hostile header?)")
-
-
 def _decode_pillow(data: bytes, label: str, max_pixels: int, min_size: int | None) -> DecodedImage:
     with warnings.catch_warnings():
         # Corrupt headers warn ("Truncated File Read"); our size check replaces DecompressionBombWarning.
@@ -312,10 +283,10 @@ def _pillow_pixels(img: Image.Image, data: bytes, label: str, min_size: int | No
     if img.size != loaded:  # EXIF orientation 5-8 swapped the axes
         w, h = h, w
     if grey is not None:
-        arr, color, colorfulness, bits = _scale(img, grey[0], grey[1]), False, 0.0, grey[2]
+        arr, spread, bits = _scale(img, grey[0], grey[1]), 0.0, grey[2]
     else:
-        arr, color, colorfulness, bits = _pil_to_gray(img)
-    return DecodedImage(_finish(arr), w, h, fmt, color, colorfulness, bits)
+        arr, spread, bits = _pil_to_gray(img)
+    return gray_image(arr, w, h, fmt, bits, colorfulness=spread)
 
 
 def _reduce_for(img: Image.Image, min_size: int | None) -> Image.Image:
@@ -334,38 +305,6 @@ def _reduce_for(img: Image.Image, min_size: int | None) -> Image.Image:
         return img.reduce(factor)
     except ValueError:  # a mode reduce() does not support: go on at full size
         return img
-
-
-# ------------------------------------------------------------------ black and white levels
-def white_for(peak: float) -> float:
-    """2**n - 1 for the smallest common bit depth n that holds ``peak`` (rule 2)."""
-    for n in _DEPTHS:
-        if peak <= 2**n - 1:
-            return float(2**n - 1)
-    return float(peak)
-
-
-def levels(lo: float, hi: float, *, is_float: bool = False, integral: bool = True,
-           declared_white: float | None = None,
-           declared_range: tuple[float, float] | None = None) -> tuple[float, float]:
-    """(black, white) for data whose finite values span lo..hi (``integral``: all whole numbers):
-    rules 2-4 of the module docstring."""
-    if declared_range is not None and _keeps_to(lo, hi, *declared_range):
-        return declared_range
-    if lo >= 0 and declared_white is not None and _keeps_to(lo, hi, 0.0, declared_white):
-        return 0.0, declared_white
-    if is_float and lo >= -_FLOAT_SLACK and hi <= 1 + _FLOAT_SLACK:
-        return 0.0, 1.0
-    if integral and lo >= 0:
-        return 0.0, white_for(hi)
-    if is_float and lo >= 0 and hi <= 255:
-        return 0.0, 255.0
-    return lo, hi
-
-
-def _keeps_to(lo: float, hi: float, black: float, white: float) -> bool:
-    span = white - black
-    return math.isfinite(span) and span > 0 and black <= lo and hi <= white and hi - black >= span / 256
 
 
 def _levels_of(img: Image.Image, data: bytes) -> tuple[float, float, int]:
@@ -471,46 +410,17 @@ def _check_wide_colour(img: Image.Image, data: bytes, label: str) -> None:
                                 "grayscale or as 8-bit")
 
 
-def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, bool, float, int]:
+def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, float, int]:
+    """(grey levels, colorfulness in 0..1, bits) of an 8-bit Pillow image."""
     mode = img.mode
     if mode in ("L", "1", "LA", "La"):
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, False, 0.0, 8
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, 0.0, 8
     if mode != "RGB":
         # Palette via RGBA so transparency never warns; alpha is then dropped, not composited.
         img = img.convert("RGBA" if mode in ("P", "PA") else "RGB").convert("RGB")
-    colorfulness = _colorfulness(np.asarray(img)) / 255.0  # uint8 all the way: large photos stay cheap
+    spread = colorfulness(np.asarray(img)) / 255.0  # uint8 all the way: large photos stay cheap
     gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    return gray, colorfulness > _COLOR_THRESHOLD, colorfulness, 8
-
-
-def _colorfulness(rgb: np.ndarray) -> float:
-    # For three values |R-G| + |G-B| + |R-B| == 2 * (max - min); elementwise max/min beat ptp(axis=-1).
-    if not rgb.size:
-        return 0.0
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
-    return float(spread.mean(dtype=np.float64)) * 2.0 / 3.0
-
-
-def minmax(a: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Scale to [0, 1] by the finite values' minimum and maximum (only where ``mask`` is True)."""
-    a = np.asarray(a, dtype=np.float64)
-    sel = a[mask] if mask is not None else a
-    sel = sel[np.isfinite(sel)]
-    lo, hi = (float(sel.min()), float(sel.max())) if sel.size else (0.0, 0.0)
-    if hi <= lo:
-        return np.zeros(a.shape, dtype=np.float32)
-    return ((np.nan_to_num(a, nan=lo, posinf=lo, neginf=lo) - lo) / (hi - lo)).astype(np.float32)
-
-
-def _finish(arr: np.ndarray) -> np.ndarray:
-    arr = np.require(arr, np.float32, ["C", "W"])  # copies only when it must; then work in place
-    np.nan_to_num(arr, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(arr, 0.0, 1.0, out=arr)
-
-
-def error_text(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    return gray, spread, 8
 
 
 def _decode_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> DecodedImage:
@@ -519,11 +429,3 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> D
     return decode_dicom(data, label, max_pixels, force=force)
 
 
-def gray_image(pixels: np.ndarray, w: int, h: int, fmt: str, bits: int) -> DecodedImage:
-    return DecodedImage(_finish(pixels), w, h, fmt, False, 0.0, bits)
-
-
-def colour_image(rgb: np.ndarray, w: int, h: int, fmt: str, bits: int) -> DecodedImage:
-    """``rgb`` is float (h, w, 3) already in [0, 1]."""
-    c = _colorfulness(rgb)
-    return DecodedImage(_finish(rgb @ _LUMA), w, h, fmt, c > _COLOR_THRESHOLD, c, bits)

@@ -18,8 +18,8 @@ import warnings
 
 import numpy as np
 
-from .decode import DecodedImage, error_text, check_size, colour_image, gray_image, levels, minmax, white_for
 from .errors import ImageError
+from .pixels import DecodedImage, check_size, colour_image, error_text, gray_image, levels, minmax, white_for
 
 _LJPEG_PKGS = "pylibjpeg pylibjpeg-libjpeg"
 _DECODER_PACKAGES = {  # compressed transfer syntax UID -> what to pip install for it

@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .decode import looks_like_image_file
 from .errors import DataError
@@ -52,11 +53,13 @@ class Dataset:
         return out
 
 
-def _walk_images(root: Path):
-    """Yield image files under root in sorted order, skipping hidden entries and symlink loops."""
+def walk_images(root: str | os.PathLike, *, follow_links: bool = True) -> Iterator[Path]:
+    """Yield the image files under ``root`` in sorted order (folders sorted, then the files in each),
+    skipping hidden files and folders. ``follow_links``: descend into linked folders too, except a
+    link back to a folder already walked or to an ancestor (a loop); without it they are not entered."""
     seen_dirs = set()
     top = os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_links):
         real = os.path.realpath(dirpath)
         # A link to an ancestor ('up -> ..') is a loop that would list other classes' images under this one.
         if real in seen_dirs or (real != top and top.startswith(real.rstrip(os.sep) + os.sep)):
@@ -137,7 +140,7 @@ def discover(
     not_utf8: list[str] = []
     if label_from_name:
         regex, mapping = parse_name_rule(label_from_name, label_map)
-        candidates = [(path, _label_by_name(regex, mapping, path.name)) for path in _walk_images(root)]
+        candidates = [(path, _label_by_name(regex, mapping, path.name)) for path in walk_images(root)]
         unmatched = sum(label is None for _, label in candidates)
         if unmatched:
             warnings.append(f"{unmatched} image(s) under {shown} did not match --label-from-name and were ignored")
@@ -145,7 +148,7 @@ def discover(
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         not_utf8 += [d.name + "/" for d in class_dirs if not is_utf8_name(d.name)]
         class_dirs = [d for d in class_dirs if is_utf8_name(d.name)]
-        candidates = [(path, d.name) for d in class_dirs for path in _walk_images(d)]
+        candidates = [(path, d.name) for d in class_dirs for path in walk_images(d)]
     samples: list[Sample] = []
     for path, label in candidates:
         relpath = path.relative_to(root).as_posix()

@@ -99,68 +99,86 @@ class Embedder:
         store: EmbeddingStore | None = None,
         progress: Progress | None = None,
     ) -> EmbedResult:
+        """Embed image files through ``store`` (looked up by content digest, misses added); unreadable
+        files are skipped with their reason. Rows come back in the order of ``paths``."""
         progress = resolve(progress)
         progress.start(len(paths), f"embedding ({self.backbone.id})")
-        vectors: dict[int, np.ndarray] = {}
-        digests: dict[int, bytes] = {}
-        skipped: list[tuple[int, SkippedFile]] = []
-        hits = 0
+        got = _Collected()
         batch: list[tuple[int, bytes, np.ndarray]] = []
-
-        def load(i: int):
-            data = read_file(paths[i])
-            d = hashlib.sha256(data).digest()
-            if store is not None and (hit := store.lookup(d)) is not None:
-                return d, hit, True
-            return d, prepare(data, self.size, str(paths[i]))[0], False
-
-        def flush():
-            out = self.run(np.stack([a for _, _, a in batch]))[0]
-            for (i, _, _), v in zip(batch, out):
-                vectors[i] = v
-            if store is not None:
-                store.put_many([d for _, d, _ in batch], out)
-            progress.advance(len(batch))
-            batch.clear()
-
-        lookahead = 2 * self.batch_size
         with ThreadPoolExecutor(self.workers) as pool:
-            in_flight: deque = deque()
-            next_i = 0
-            while next_i < len(paths) or in_flight:
-                while next_i < len(paths) and len(in_flight) < lookahead:
-                    in_flight.append((next_i, pool.submit(load, next_i)))
-                    next_i += 1
-                i, fut = in_flight.popleft()
+            loads = _in_order(pool, lambda path: self._load(path, store), paths, lookahead=2 * self.batch_size)
+            for i, fut in loads:
                 try:
                     d, value, was_hit = fut.result()
                 except ImageError as exc:
-                    skipped.append((i, SkippedFile(str(paths[i]), exc.reason)))
+                    got.skipped.append((i, SkippedFile(str(paths[i]), exc.reason)))
                     progress.advance()
                     continue
-                digests[i] = d
+                got.digests[i] = d
                 if was_hit:
-                    vectors[i] = value
-                    hits += 1
+                    got.vectors[i] = value
+                    got.hits += 1
                     progress.advance()
                 else:
                     batch.append((i, d, value))
                     if len(batch) == self.batch_size:
-                        flush()
+                        self._flush(batch, got, store, progress)
             if batch:
-                flush()
+                self._flush(batch, got, store, progress)
         if store is not None:
-            store.hits += hits
-            store.misses += len(digests) - hits
+            store.hits += got.hits
+            store.misses += len(got.digests) - got.hits
             store.maybe_compact()
         progress.close()
-        order = sorted(vectors)
-        dim = self.backbone.spec.embed_dim
+        return got.result(paths, self.backbone.spec.embed_dim)
+
+    def _load(self, path: str | os.PathLike, store: EmbeddingStore | None) -> tuple[bytes, np.ndarray, bool]:
+        """(digest, cached embedding or resized image, whether it was cached); runs in a worker thread."""
+        data = read_file(path)
+        d = hashlib.sha256(data).digest()
+        if store is not None and (hit := store.lookup(d)) is not None:
+            return d, hit, True
+        return d, prepare(data, self.size, str(path))[0], False
+
+    def _flush(self, batch: list, got: _Collected, store: EmbeddingStore | None, progress: Progress) -> None:
+        """Run the batch of (index, digest, image) through the network, keep and cache the embeddings."""
+        out = self.run(np.stack([a for _, _, a in batch]))[0]
+        for (i, _, _), v in zip(batch, out):
+            got.vectors[i] = v
+        if store is not None:
+            store.put_many([d for _, d, _ in batch], out)
+        progress.advance(len(batch))
+        batch.clear()
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: list, *, lookahead: int):
+    """Yield (index, future of fn(item)) in order, with at most ``lookahead`` submitted ahead (memory stays flat)."""
+    in_flight: deque = deque()
+    next_i = 0
+    while next_i < len(items) or in_flight:
+        while next_i < len(items) and len(in_flight) < lookahead:
+            in_flight.append((next_i, pool.submit(fn, items[next_i])))
+            next_i += 1
+        yield in_flight.popleft()
+
+
+@dataclass
+class _Collected:
+    """What one embed_files run has gathered, by the index of the file."""
+
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    digests: dict[int, bytes] = field(default_factory=dict)
+    skipped: list[tuple[int, SkippedFile]] = field(default_factory=list)
+    hits: int = 0
+
+    def result(self, paths: list, dim: int) -> EmbedResult:
+        order = sorted(self.vectors)
+        vectors = self.vectors
         return EmbedResult(
             vectors=np.stack([vectors[i] for i in order]).astype(np.float32) if order else np.zeros((0, dim), np.float32),
             paths=[str(paths[i]) for i in order],
-            digests=[digests[i] for i in order],
-            skipped=[s for _, s in sorted(skipped, key=lambda t: t[0])],
-            hits=hits,
-            misses=len(order) - hits,
+            digests=[self.digests[i] for i in order],
+            skipped=[s for _, s in sorted(self.skipped, key=lambda t: t[0])],
+            hits=self.hits,
+            misses=len(order) - self.hits,
         )

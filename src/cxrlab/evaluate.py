@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .discover import discover
+from .discover import Dataset, Sample, discover
 from .errors import DataError
 from .outputs import REPORT_FILES, check_output_dir, claim, model_labels
 from .predict import Model, Prediction
@@ -87,17 +87,36 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
         check_output_dir(output, "evaluate", inputs=inputs, files=REPORT_FILES, classes=classes)
     model = model if isinstance(model, Model) else Model(model)
     data_dir = Path(data_dir)
+    ds = _labelled_images(model, data_dir, label_from_name, label_map)
+    preds, truth, skipped = _score(model, data_dir, ds.samples, ood, resolve(progress))
+    if not preds:
+        raise DataError(f"{data_dir}: none of the images could be read")
+    metrics = _metrics(model, truth, preds, skipped)
+    result = EvalResult(metrics, preds, truth, skipped)
+    if output is not None:
+        claim(output, "evaluate", files=REPORT_FILES, inputs=inputs, classes=classes)
+        _write_report(Path(output), model, data_dir, result)
+        result.output_dir = Path(output)
+    return result
+
+
+def _labelled_images(model: Model, data_dir: Path, label_from_name: str | None, label_map: dict | None) -> Dataset:
+    """The labelled images under ``data_dir``; every class must be one of the model's labels."""
     ds = discover(data_dir, label_from_name=label_from_name, label_map=label_map, min_per_class=0, require_classes=1)
     unknown = sorted(set(ds.labels) - set(model.labels))
     if unknown:
         raise DataError(f"{data_dir}: class(es) {', '.join(unknown)} are not among the model's labels "
                         f"({', '.join(model.labels)}); rename the folders or use --label-from-name")
-    progress = resolve(progress)
-    progress.start(len(ds.samples), "evaluating")
+    return ds
+
+
+def _score(model: Model, data_dir: Path, samples: list[Sample], ood: bool, progress: Progress):
+    """(predictions, their true labels, (path, reason) of the unreadable files), 32 images at a time."""
+    progress.start(len(samples), "evaluating")
     preds, truth, skipped = [], [], []
     batch = 32
-    for i in range(0, len(ds.samples), batch):
-        chunk = ds.samples[i : i + batch]
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
         for s, p in zip(chunk, model.predict([str(data_dir / s.relpath) for s in chunk], ood=ood)):
             if p.error:
                 skipped.append((p.path, p.error))
@@ -106,8 +125,11 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
                 truth.append(s.label)
         progress.advance(len(chunk))
     progress.close()
-    if not preds:
-        raise DataError(f"{data_dir}: none of the images could be read")
+    return preds, truth, skipped
+
+
+def _metrics(model: Model, truth: list[str], preds: list[Prediction], skipped: list) -> dict:
+    """The figures on all scored images, on those the gate accepted, and the model's internal test figures."""
     metrics: dict = {"n_images": len(preds), "n_skipped": len(skipped), "all": _report(model, truth, preds)}
     accepted = [(t, p) for t, p in zip(truth, preds) if not p.ood]
     metrics["n_rejected"] = len(preds) - len(accepted)
@@ -119,19 +141,20 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
         metrics["accepted"] = None
         metrics["accepted_note"] = str(exc)
     metrics["internal_test"] = model.info.get("metrics", {}).get("test")
-    result = EvalResult(metrics, preds, truth, skipped)
-    if output is not None:
-        from .report import write_evaluation
+    return metrics
 
-        rows = [{"path": p.path, "true_label": t, "scores": [p.scores[lab] for lab in model.labels],
-                 "predicted_label": p.label or "rejected", "correct": p.label == t, "split": "external"}
-                for t, p in zip(truth, preds)]
-        claim(output, "evaluate", files=REPORT_FILES, inputs=inputs, classes=classes)
-        write_evaluation(Path(output), title=f"Evaluation of {model.directory} on {data_dir}", rows=rows,
-                         labels=model.labels, positive_label=model.positive_label, threshold=model.threshold,
-                         metrics={**metrics["all"], "positive_label": model.positive_label},  # for compare
-                         rejected=[(p.path, p.ood_score) for p in preds if p.ood],
-                         reference_metrics=metrics["internal_test"],
-                         notes=[f"{path}: {reason}" for path, reason in skipped])
-        result.output_dir = Path(output)
-    return result
+
+def _write_report(out: Path, model: Model, data_dir: Path, result: EvalResult) -> None:
+    """metrics.json, predictions.csv and report.html in ``out`` (already claimed)."""
+    from .report import write_evaluation
+
+    metrics, preds, truth = result.metrics, result.predictions, result.true_labels
+    rows = [{"path": p.path, "true_label": t, "scores": [p.scores[lab] for lab in model.labels],
+             "predicted_label": p.label or "rejected", "correct": p.label == t, "split": "external"}
+            for t, p in zip(truth, preds)]
+    write_evaluation(out, title=f"Evaluation of {model.directory} on {data_dir}", rows=rows,
+                     labels=model.labels, positive_label=model.positive_label, threshold=model.threshold,
+                     metrics={**metrics["all"], "positive_label": model.positive_label},  # for compare
+                     rejected=[(p.path, p.ood_score) for p in preds if p.ood],
+                     reference_metrics=metrics["internal_test"],
+                     notes=[f"{path}: {reason}" for path, reason in result.skipped])

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .decode import DecodedImage, decode_array, decode_pil, looks_like_image_file, resize
+from .decode import DecodedImage, decode_array, decode_pil, resize
+from .discover import walk_images
 from .embed import make_session, prepare, read_file
 from .errors import DataError, ImageError, ModelDirError
 from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files
@@ -38,20 +39,13 @@ class Prediction:
 
 
 def expand_paths(paths) -> list[str]:
-    """Files as given; folders are walked for image files (sorted, hidden entries skipped)."""
+    """Files as given; folders are walked for image files (sorted, hidden entries skipped, linked
+    folders not entered). A folder with no image file is kept, so that it is reported."""
     out = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            found = len(out)
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                out.extend(str(Path(dirpath) / f) for f in sorted(filenames)
-                           if not f.startswith(".") and looks_like_image_file(Path(dirpath) / f))
-            if len(out) == found:  # kept, so that it is reported ("folder with no image files")
-                out.append(str(p))
-        else:
-            out.append(str(p))
+        found = [str(f) for f in walk_images(p, follow_links=False)] if p.is_dir() else []
+        out.extend(found or [str(p)])
     return out
 
 

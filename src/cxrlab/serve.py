@@ -29,7 +29,6 @@ import inspect
 import logging
 import os
 import weakref
-from dataclasses import fields
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
@@ -136,90 +135,104 @@ def model_card(model: Model) -> dict:
     })
 
 
-def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool = False, **limits) -> FastAPI:
-    """The app for one model. ``limits`` are ServeLimits fields; ``allowed_hosts`` are the Host names
-    answered (default: loopback names; '*' answers any)."""
-    lim = ServeLimits(**limits)
-    try:
-        hosts = frozenset(LOCAL_NAMES | _IN_PROCESS_NAMES) if allowed_hosts is None else \
-            frozenset(check_host_pattern(h) for h in allowed_hosts)
-    except ValueError as exc:
-        raise ServeConfigError(f"serve: --allowed-host {exc}") from None
-    # Parallelism comes from up to ``slots`` (one per CPU) requests inferring at once, so each ONNX Runtime
-    # run gets one thread: threads per run on top oversubscribe the cores (benchmarks/serve.py, 2 CPUs,
-    # 8 concurrent: 47 -> 69 req/s, p50 163 -> 108 ms; unchanged one request at a time).
-    model = (model_dir_or_model if isinstance(model_dir_or_model, Model)
-             else Model(model_dir_or_model, threads=1, trust_modified=trust_modified))
-    heatmapper = _load_heatmapper()
-    slots = lim.inference_slots or max(1, os.cpu_count() or 1)
-    # Heavy images (a quarter of the per-image decode limit and up) may use only half the slots, so a
-    # client posting 50-megapixel images does not take every core from everyone else.
-    heavy_cost = lim.max_decode_bytes // 4
-    lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per event loop: (all slots, heavy slots)
-    budget = DecodeBudget(lim.decode_budget_bytes)
+def _failed_result(model: Model, name: str, detail: str) -> dict:
+    """The result of an upload that could not be used: the model's fields, no scores, the reason."""
+    return {"filename": name, "label": None, "scores": {}, "positive_label": model.positive_label,
+            "positive_score": None, "threshold": model.threshold, "verdict": None, "ood": None, "ood_score": None,
+            "ood_threshold": None, "heatmap_png": None, "error": detail}
 
-    app = FastAPI(title="cxrlab", description=f"Chest X-ray classifier. {DISCLAIMER} Intended use: {INTENDED_USE}.",
-                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None, **_form_limits())
-    app.add_middleware(RequestGuard, allowed_hosts=hosts, max_body=lim.max_request_bytes,
-                       body_timeout=lim.body_timeout_s,
-                       body_hint="; send fewer files per request, or raise --max-request-mb")
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.state.model, app.state.limits, app.state.decode_budget = model, lim, budget
 
-    @app.middleware("http")
-    async def nosniff(request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
+def _prediction_result(model: Model, name: str, pred, heatmap: str | None) -> dict:
+    scores = pred.scores
+    return {"filename": name, "label": pred.label, "scores": scores, "positive_label": model.positive_label,
+            "positive_score": pred.positive_score if pred.positive_score is not None
+            else scores.get(model.positive_label), "threshold": pred.threshold,
+            "verdict": verdict(model, pred), "ood": pred.ood, "ood_score": pred.ood_score,
+            "ood_threshold": pred.ood_threshold, "heatmap_png": heatmap, "error": None}
 
-    def infer(data: bytes, name: str, want_heatmap: bool = True, heavy: bool = False) -> dict:  # worker thread
-        try:
-            img = decode_image(data, name=name, max_pixels=lim.max_pixels, min_size=model.input_size)
-            array = resize(img.pixels, model.input_size)
-            pred = model.predict_arrays([array], [img], names=[name])[0]
-        except ImageError as exc:
-            raise _Reject(422, f"{name}: {exc.reason}") from None
-        finally:
-            if heavy:
-                _trim_heap()
-        heatmap = None
-        if want_heatmap and heatmapper is not None and not pred.ood:
-            try:
-                png = heatmapper(model, array, img.pixels, pred)
-                heatmap = base64.b64encode(png).decode("ascii") if png else None
-            except Exception:  # a failed explanation must not cost the prediction
-                log.exception("heatmap failed for %s", name)
-        scores = pred.scores
-        return {"filename": name, "label": pred.label, "scores": scores, "positive_label": model.positive_label,
-                "positive_score": pred.positive_score if pred.positive_score is not None
-                else scores.get(model.positive_label), "threshold": pred.threshold,
-                "verdict": verdict(model, pred), "ood": pred.ood, "ood_score": pred.ood_score,
-                "ood_threshold": pred.ood_threshold, "heatmap_png": heatmap, "error": None}
 
-    async def check_upload(upload: UploadFile, name: str) -> None:
-        """Size and type from what was spooled, before any of it is read into memory."""
-        if upload.size is not None and upload.size > lim.max_upload_bytes:  # read_upload checks it otherwise
+async def _check_upload(upload: UploadFile, name: str, lim: ServeLimits) -> None:
+    """Size and type from what was spooled, before any of it is read into memory."""
+    if upload.size is not None and upload.size > lim.max_upload_bytes:  # _read_upload checks it otherwise
+        raise _Reject(413, f"{name} is larger than the limit of {_mib(lim.max_upload_bytes)}")
+    await upload.seek(0)
+    head = await upload.read(132)
+    await upload.seek(0)
+    if not head:
+        raise _Reject(422, f"{name}: empty file (0 bytes)")
+    if sniff(head) is None:
+        raise _Reject(415, f"{name}: not a supported image ({SUPPORTED})")
+
+
+async def _read_upload(upload: UploadFile, name: str, lim: ServeLimits) -> bytes:
+    chunks, total = [], 0
+    while chunk := await upload.read(_CHUNK):
+        total += len(chunk)
+        if total > lim.max_upload_bytes:
             raise _Reject(413, f"{name} is larger than the limit of {_mib(lim.max_upload_bytes)}")
-        await upload.seek(0)
-        head = await upload.read(132)
-        await upload.seek(0)
-        if not head:
-            raise _Reject(422, f"{name}: empty file (0 bytes)")
-        if sniff(head) is None:
-            raise _Reject(415, f"{name}: not a supported image ({SUPPORTED})")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    async def read_upload(upload: UploadFile, name: str) -> bytes:
-        chunks, total = [], 0
-        while chunk := await upload.read(_CHUNK):
-            total += len(chunk)
-            if total > lim.max_upload_bytes:
-                raise _Reject(413, f"{name} is larger than the limit of {_mib(lim.max_upload_bytes)}")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
-    def decode_cost(upload: UploadFile, name: str) -> int:  # runs in a worker thread: reads the spooled file
+class _Uploads:
+    """Uploads -> results for one model: each upload checked, admitted through the decode budget and an
+    inference slot (both shared by all requests), decoded and inferred in a worker thread."""
+
+    def __init__(self, model: Model, lim: ServeLimits):
+        self.model, self.lim = model, lim
+        self.heatmapper = _load_heatmapper()
+        self.slots = lim.inference_slots or max(1, os.cpu_count() or 1)
+        # Heavy images (a quarter of the per-image decode limit and up) may use only half the slots, so a
+        # client posting 50-megapixel images does not take every core from everyone else.
+        self.heavy_cost = lim.max_decode_bytes // 4
+        self.lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per event loop: (all, heavy)
+        self.budget = DecodeBudget(lim.decode_budget_bytes)
+
+    async def predict_all(self, files: list[UploadFile], want_heatmap: bool) -> JSONResponse:
+        """One result per file in order; the first error's status when every file fails."""
+        if len(files) > self.lim.max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; the limit is {self.lim.max_files}")
+        results, failures = [], []
+        for i, upload in enumerate(files):
+            try:
+                results.append(await self.handle(upload, i, want_heatmap))
+            except _Reject as exc:
+                failures.append(exc)
+                results.append(_failed_result(self.model, _clean_name(upload.filename, i), exc.detail))
+        if failures and len(failures) == len(results):
+            raise HTTPException(failures[0].status, "; ".join(f.detail for f in failures))
+        return JSONResponse(json_safe({"results": results}))
+
+    async def handle(self, upload: UploadFile, i: int, want_heatmap: bool = True) -> dict:
+        name = _clean_name(upload.filename, i)
+        await _check_upload(upload, name, self.lim)
+        cost = await run_in_threadpool(self.decode_cost, upload, name)
         try:
-            estimate = estimate_decode_bytes(upload.file, min_size=model.input_size, max_pixels=lim.max_pixels)
+            await self.budget.acquire(cost, self.lim.decode_wait_s)
+        except Overloaded:
+            raise HTTPException(503, f"the server is busy decoding other images ({_mib(self.budget.total)} "
+                                     f"decode budget in use for {self.lim.decode_wait_s:g} s); retry later",
+                                headers={"Retry-After": str(_RETRY_AFTER_S)}) from None
+        try:
+            data = await _read_upload(upload, name, self.lim)
+            all_slots, heavy_slots = self.slots_of(asyncio.get_running_loop())
+            heavy = cost >= self.heavy_cost
+            async with heavy_slots if heavy else contextlib.nullcontext():
+                async with all_slots:
+                    return await run_in_threadpool(self.infer, data, name, want_heatmap, heavy)
+        finally:
+            self.budget.release(cost)
+
+    def slots_of(self, loop) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+        """(all slots, heavy slots) of this event loop (a semaphore belongs to one loop)."""
+        if loop not in self.lanes:
+            self.lanes[loop] = asyncio.Semaphore(self.slots), asyncio.Semaphore(max(1, self.slots // 2))
+        return self.lanes[loop]
+
+    def decode_cost(self, upload: UploadFile, name: str) -> int:  # runs in a worker thread: reads the spooled file
+        lim = self.lim
+        try:
+            estimate = estimate_decode_bytes(upload.file, min_size=self.model.input_size, max_pixels=lim.max_pixels)
         finally:
             upload.file.seek(0)
         if estimate is None:  # the decoder will fail on the same header; until then assume the worst allowed
@@ -230,28 +243,48 @@ def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool =
                                f"{_mib(lim.max_decode_bytes)} (--max-decode-mb); send a smaller image")
         return estimate.nbytes
 
-    async def handle(upload: UploadFile, i: int, want_heatmap: bool = True) -> dict:
-        name = _clean_name(upload.filename, i)
-        await check_upload(upload, name)
-        cost = await run_in_threadpool(decode_cost, upload, name)
+    def infer(self, data: bytes, name: str, want_heatmap: bool = True, heavy: bool = False) -> dict:  # worker thread
+        model = self.model
         try:
-            await budget.acquire(cost, lim.decode_wait_s)
-        except Overloaded:
-            raise HTTPException(503, f"the server is busy decoding other images ({_mib(budget.total)} "
-                                     f"decode budget in use for {lim.decode_wait_s:g} s); retry later",
-                                headers={"Retry-After": str(_RETRY_AFTER_S)}) from None
-        try:
-            data = await read_upload(upload, name)
-            loop = asyncio.get_running_loop()
-            if loop not in lanes:
-                lanes[loop] = asyncio.Semaphore(slots), asyncio.Semaphore(max(1, slots // 2))
-            all_slots, heavy_slots = lanes[loop]
-            heavy = cost >= heavy_cost
-            async with heavy_slots if heavy else contextlib.nullcontext():
-                async with all_slots:
-                    return await run_in_threadpool(infer, data, name, want_heatmap, heavy)
+            img = decode_image(data, name=name, max_pixels=self.lim.max_pixels, min_size=model.input_size)
+            array = resize(img.pixels, model.input_size)
+            pred = model.predict_arrays([array], [img], names=[name])[0]
+        except ImageError as exc:
+            raise _Reject(422, f"{name}: {exc.reason}") from None
         finally:
-            budget.release(cost)
+            if heavy:
+                _trim_heap()
+        heatmap = self.heatmap(array, img, pred, name) if want_heatmap and not pred.ood else None
+        return _prediction_result(model, name, pred, heatmap)
+
+    def heatmap(self, array, img, pred, name: str) -> str | None:
+        """The heatmap overlay as base64 PNG, or None (no explain module, or it failed)."""
+        if self.heatmapper is None:
+            return None
+        try:
+            png = self.heatmapper(self.model, array, img.pixels, pred)
+            return base64.b64encode(png).decode("ascii") if png else None
+        except Exception:  # a failed explanation must not cost the prediction
+            log.exception("heatmap failed for %s", name)
+            return None
+
+
+def _answered_hosts(allowed_hosts) -> frozenset[str]:
+    try:
+        return frozenset(LOCAL_NAMES | _IN_PROCESS_NAMES) if allowed_hosts is None else \
+            frozenset(check_host_pattern(h) for h in allowed_hosts)
+    except ValueError as exc:
+        raise ServeConfigError(f"serve: --allowed-host {exc}") from None
+
+
+async def _nosniff(request, call_next):
+    response = await call_next(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
+
+
+def _add_page_routes(app: FastAPI, model: Model) -> None:
+    """/ (the page), /healthz, /api/model and /docs."""
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
@@ -274,28 +307,51 @@ def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool =
     async def docs():
         return HTMLResponse(docs_page(app.openapi()), headers={"Content-Security-Policy": _DOCS_CSP})
 
+
+def _add_predict_route(app: FastAPI, uploads: _Uploads) -> None:
     @app.post("/api/predict", summary="Classify uploaded images")
     async def predict(files: list[UploadFile] = File(..., description=f"one or more images ({SUPPORTED})"),
                       heatmap: bool = Query(True, description="compute a heatmap per image (0 to skip)")):
         """Multipart field `files`, one or more images; answers {"results": [...]}, one per file in order,
         with a per-file `error` when some files fail (the status is the first error's when all fail:
         413 too large, 415 not an image, 422 unreadable). 503 with Retry-After when the server is busy."""
-        if len(files) > lim.max_files:
-            raise HTTPException(413, f"{len(files)} files in one request; the limit is {lim.max_files}")
-        results, failures = [], []
-        for i, upload in enumerate(files):
-            try:
-                results.append(await handle(upload, i, heatmap))
-            except _Reject as exc:
-                failures.append(exc)
-                results.append({"filename": _clean_name(upload.filename, i), "label": None, "scores": {},
-                                "positive_label": model.positive_label, "positive_score": None,
-                                "threshold": model.threshold, "verdict": None, "ood": None, "ood_score": None,
-                                "ood_threshold": None, "heatmap_png": None, "error": exc.detail})
-        if failures and len(failures) == len(results):
-            raise HTTPException(failures[0].status, "; ".join(f.detail for f in failures))
-        return JSONResponse(json_safe({"results": results}))
+        return await uploads.predict_all(files, heatmap)
 
+
+def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool = False,
+               limits: ServeLimits | None = None) -> FastAPI:
+    """The web app (page and JSON API) for one model.
+
+    Parameters
+    ----------
+    model_dir_or_model : str, os.PathLike or Model
+        A model directory, loaded here, or a loaded Model.
+    allowed_hosts : iterable of str, optional
+        The Host names answered ('*' answers any); default: the loopback names.
+    trust_modified : bool
+        Load a model directory whose files differ from their SHA-256 record (a warning is printed).
+    limits : ServeLimits, optional
+        What the server accepts (upload and request sizes, decode memory, timeouts, parallelism);
+        default: ``ServeLimits()``.
+    """
+    lim = ServeLimits() if limits is None else limits
+    hosts = _answered_hosts(allowed_hosts)
+    # Parallelism comes from up to ``slots`` (one per CPU) requests inferring at once, so each ONNX Runtime
+    # run gets one thread: threads per run on top oversubscribe the cores (benchmarks/serve.py, 2 CPUs,
+    # 8 concurrent: 47 -> 69 req/s, p50 163 -> 108 ms; unchanged one request at a time).
+    model = (model_dir_or_model if isinstance(model_dir_or_model, Model)
+             else Model(model_dir_or_model, threads=1, trust_modified=trust_modified))
+    uploads = _Uploads(model, lim)
+    app = FastAPI(title="cxrlab", description=f"Chest X-ray classifier. {DISCLAIMER} Intended use: {INTENDED_USE}.",
+                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None, **_form_limits())
+    app.add_middleware(RequestGuard, allowed_hosts=hosts, max_body=lim.max_request_bytes,
+                       body_timeout=lim.body_timeout_s,
+                       body_hint="; send fewer files per request, or raise --max-request-mb")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.state.model, app.state.limits, app.state.decode_budget = model, lim, uploads.budget
+    app.middleware("http")(_nosniff)
+    _add_page_routes(app, model)
+    _add_predict_route(app, uploads)
     return app
 
 
@@ -368,20 +424,35 @@ def server_config(app, *, host: str, port: int | None = None, header_timeout_s: 
 
 
 def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(), trust_modified: bool = False,
-          **limits) -> None:
-    """Load ``model_dir`` and serve it with uvicorn until interrupted. ``allowed_hosts`` adds Host names
-    to the loopback names and the bound address; the limits are checked before the model is loaded."""
+          limits: ServeLimits | None = None) -> None:
+    """Load a model directory and serve it with uvicorn until interrupted.
+
+    Parameters
+    ----------
+    model_dir : str or os.PathLike
+        The model directory.
+    host : str
+        The address to bind ('0.0.0.0' for all interfaces).
+    port : int
+        The port, 0..65535 (0: any free port).
+    allowed_hosts : iterable of str
+        Host names answered besides the loopback names and the bound address ('*' answers any).
+    trust_modified : bool
+        Load a model directory whose files differ from their SHA-256 record (a warning is printed).
+    limits : ServeLimits, optional
+        What the server accepts, and its header timeout; default: ``ServeLimits()``. The options are
+        checked before the model is loaded.
+    """
     import uvicorn
 
-    lim = ServeLimits(**limits)
+    lim = ServeLimits() if limits is None else limits
     try:
         hosts = allowed_hosts_for(host, allowed_hosts)
     except ValueError as exc:
         raise ServeConfigError(f"serve: --allowed-host {exc}") from None
     if not 0 <= port <= 65535:
         raise ServeConfigError(f"serve: --port must be 0..65535, got {port}")
-    app = create_app(model_dir, allowed_hosts=hosts, trust_modified=trust_modified,
-                     **{f.name: getattr(lim, f.name) for f in fields(lim)})
+    app = create_app(model_dir, allowed_hosts=hosts, trust_modified=trust_modified, limits=lim)
     if ANY_HOST not in hosts and is_wildcard(host) and not allowed_hosts:
         log.warning("serving on all interfaces, but only the Host names %s are answered; "
                     "add --allowed-host NAME for the names clients use", ", ".join(sorted(hosts)))

@@ -43,19 +43,43 @@ def _limit(default, option: str | None = None, unit: int = 1):
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one server accepts; every value is checked on construction (ServeConfigError)."""
+    """What one server accepts; every value is checked on construction (ServeConfigError).
 
-    max_upload_bytes: int = _limit(32 * 2**20, "--max-upload-mb", 2**20)  # one file
-    # the whole body; None: min(128 MiB, max_files x max_upload_bytes + 1 MiB)
+    Parameters
+    ----------
+    max_upload_bytes : int
+        The largest file accepted (413 beyond it); ``--max-upload-mb``.
+    max_request_bytes : int, optional
+        The largest request body, counted while it streams; ``--max-request-mb``.
+        None: min(128 MiB, max_files x max_upload_bytes + 1 MiB).
+    max_files : int
+        The most files in one request.
+    max_pixels : int
+        The most pixels an image may declare (decompression bomb guard).
+    max_decode_bytes : int
+        The most memory decoding one image may take, estimated from its header; ``--max-decode-mb``.
+    decode_budget_bytes : int
+        The same, for all images being decoded at once; ``--decode-budget-mb``.
+    decode_wait_s : float
+        How long an image waits for room in the decode budget before the request is answered 503.
+    body_timeout_s : float
+        The whole request body must arrive within this; ``--request-timeout``.
+    header_timeout_s : float
+        The request headers must arrive within this (the uvicorn protocol; used by ``serve``).
+    inference_slots : int, optional
+        Images inferring at once; None: one per CPU.
+    """
+
+    max_upload_bytes: int = _limit(32 * 2**20, "--max-upload-mb", 2**20)
     max_request_bytes: int | None = _limit(None, "--max-request-mb", 2**20)
     max_files: int = _limit(32)
     max_pixels: int = _limit(50_000_000)
-    max_decode_bytes: int = _limit(2**30, "--max-decode-mb", 2**20)  # estimated decode memory of one image
-    decode_budget_bytes: int = _limit(2 * 2**30, "--decode-budget-mb", 2**20)  # ... of all images in flight
-    decode_wait_s: float = _limit(15.0)  # how long an image waits for the budget before 503
-    body_timeout_s: float = _limit(60.0, "--request-timeout")  # the whole request body must arrive in this
-    header_timeout_s: float = _limit(10.0)  # request headers must arrive within this (uvicorn protocol)
-    inference_slots: int | None = _limit(None)  # images inferring at once; None: one per CPU
+    max_decode_bytes: int = _limit(2**30, "--max-decode-mb", 2**20)
+    decode_budget_bytes: int = _limit(2 * 2**30, "--decode-budget-mb", 2**20)
+    decode_wait_s: float = _limit(15.0)
+    body_timeout_s: float = _limit(60.0, "--request-timeout")
+    header_timeout_s: float = _limit(10.0)
+    inference_slots: int | None = _limit(None)
 
     def __post_init__(self):
         for f in fields(self):
@@ -80,14 +104,18 @@ class ServeLimits:
                                    f"that large could never be admitted: raise --decode-budget-mb")
 
 
-def limits_from_options(*, request_timeout=None, **mib_options) -> dict:
-    """CLI values (``max_upload_mb=...``, seconds) -> ServeLimits keywords; values are checked there."""
+def limits_from_options(*, max_upload_mb: float | None = None, max_request_mb: float | None = None,
+                        max_decode_mb: float | None = None, decode_budget_mb: float | None = None,
+                        request_timeout: float | None = None) -> ServeLimits:
+    """The `cxrlab serve` options (MiB, seconds; None: the default) -> ServeLimits, checked there."""
     limits = {} if request_timeout is None else {"body_timeout_s": request_timeout}
+    mib_options = {"max_upload_mb": max_upload_mb, "max_request_mb": max_request_mb,
+                   "max_decode_mb": max_decode_mb, "decode_budget_mb": decode_budget_mb}
     for option, value in mib_options.items():
         if value is not None:
             key = option.removesuffix("_mb") + "_bytes"
             limits[key] = int(value * 2**20) if math.isfinite(value) and value > 0 else value
-    return limits
+    return ServeLimits(**limits)
 
 
 def size_text(n: int) -> str:
