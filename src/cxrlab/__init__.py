@@ -7,6 +7,7 @@ The public API::
     predictions = model.predict(["x.png", pil_image, numpy_array])  # files, folders, images in memory
     cxrlab.evaluate(model, "other_hospital", output="eval")        # metrics on a labelled folder
     cxrlab.explain(model, ["x.png"], "heatmaps")                   # class activation map overlays
+    cxrlab.adapt("models/tb", "new_site", "models/tb-site")        # a model for a new hospital
 
 ``train`` is imported on first use: it needs scikit-learn and SciPy, which ``import cxrlab`` and
 prediction do not.
@@ -25,14 +26,18 @@ def __getattr__(name: str):
         from .training import train
 
         return train
+    if name == "adapt":
+        from .adaptation import adapt
+
+        return adapt
     raise AttributeError(f"module 'cxrlab' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"train"})
+    return sorted(set(globals()) | {"train", "adapt"})
 
 
 __all__ = [
-    "__version__", "train", "load_model", "Model", "Prediction", "evaluate", "explain", "create_backbone",
+    "__version__", "train", "adapt", "load_model", "Model", "Prediction", "evaluate", "explain", "create_backbone",
     "list_backbones", "CxrlabError", "DataError", "ImageError", "BackboneError", "ModelDirError", "NotFittedError",
 ]

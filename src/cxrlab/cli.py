@@ -63,7 +63,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _flag(parser, name: str, *short: str, **kwargs):
+def add_flag(parser, name: str, *short: str, **kwargs):
     """Accept both the tutorial's --snake_case spelling and --kebab-case (and any short alias, e.g. -o)."""
     names = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
     return parser.add_argument(*short, *names, dest=name, **kwargs)
@@ -71,66 +71,66 @@ def _flag(parser, name: str, *short: str, **kwargs):
 
 # ------------------------------------------------------------------ option groups shared by several commands
 def add_model_options(p) -> None:
-    _flag(p, "model", "-m", required=True, metavar="MODEL_DIR", help="model folder written by 'cxrlab train'")
+    add_flag(p, "model", "-m", required=True, metavar="MODEL_DIR", help="model folder written by 'cxrlab train'")
     add_trust_option(p)
 
 
 def add_trust_option(p) -> None:
-    _flag(p, "trust_modified_model", action="store_true",
+    add_flag(p, "trust_modified_model", action="store_true",
           help="load a model directory whose files differ from their SHA-256 record (edited or damaged); "
                "its values are still validated, and a warning is printed")
 
 
 def add_output_option(p, contents: str, *, required: bool = False, default_help: str = "") -> None:
     """--output / -o: always a folder (created if missing), never a single file."""
-    _flag(p, "output", "-o", required=required, metavar="DIR",
+    add_flag(p, "output", "-o", required=required, metavar="DIR",
           help=f"folder for {contents} (created if missing){default_help}")
 
 
 def add_label_from_name_option(p) -> None:
-    _flag(p, "label_from_name", metavar="REGEX", type=v.regex,
+    add_flag(p, "label_from_name", metavar="REGEX", type=v.regex,
           help="label from the file name: 'nlm' (_1 abnormal, _0 normal) or a regex with a (?P<label>...) group "
                "(default: the subfolder name)")
 
 
 def add_group_regex_option(p) -> None:
-    _flag(p, "group_regex", metavar="REGEX", type=v.regex,
+    add_flag(p, "group_regex", metavar="REGEX", type=v.regex,
           help="regex on the relative path whose (?P<group>...) keeps one patient's images in one split")
 
 
 def add_positive_label_option(p, default=None) -> None:
-    _flag(p, "positive_label", metavar="CLASS", default=default,
+    add_flag(p, "positive_label", metavar="CLASS", default=default,
           help="the class that counts as positive" + ("" if default else " (default: abnormal, if there is one)"))
 
 
 def add_backbone_option(p, default=DEFAULT_BACKBONE) -> None:
-    _flag(p, "backbone", default=default, metavar="NAME", help="efficientnet-lite0|1|2, inception-v3 or onnx:PATH")
+    add_flag(p, "backbone", default=default, metavar="NAME", help="efficientnet-lite0|1|2, inception-v3 or onnx:PATH")
 
 
 def add_precision_option(p, default: str) -> None:
-    _flag(p, "precision", default=default, choices=PRECISIONS,
+    add_flag(p, "precision", default=default, choices=PRECISIONS,
           help="int8: quantised backbone, calibrated on training images")
 
 
 def add_seed_option(p, default: int) -> None:
-    _flag(p, "seed", type=v.seed, default=default, metavar="N", help=f"random seed of the split and the fit, 0 to {v.SEED_MAX}")
+    add_flag(p, "seed", type=v.seed, default=default, metavar="N", help=f"random seed of the split and the fit, 0 to {v.SEED_MAX}")
 
 
 def add_fine_tune_options(p, what: str) -> None:
-    _flag(p, "fine_tune", action="store_true", help=f"fine-tune the backbone end to end in torch {what}")
-    _flag(p, "epochs", type=v.positive_int, default=FineTuneOptions.epochs, metavar="N",
+    add_flag(p, "fine_tune", action="store_true", help=f"fine-tune the backbone end to end in torch {what}")
+    add_flag(p, "epochs", type=v.positive_int, default=FineTuneOptions.epochs, metavar="N",
           help="fine-tuning epochs (with --fine-tune), >= 1")
-    _flag(p, "ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
+    add_flag(p, "ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
           help="a fine-tuning choice (with --fine-tune), e.g. lr=1e-4, intensity=window, input_size=299, "
                "augment.gamma=0.3 (see cxrlab.finetune.FineTuneOptions); repeat for several")
 
 
 def add_no_ood_option(p, help_: str = "do not refuse out-of-distribution images: score every image") -> None:
-    _flag(p, "no_ood", action="store_true", help=help_)
+    add_flag(p, "no_ood", action="store_true", help=help_)
 
 
 def add_quiet_option(p) -> None:
-    _flag(p, "quiet", "-q", action="store_true", help="print only the results, no progress")
+    add_flag(p, "quiet", "-q", action="store_true", help="print only the results, no progress")
 
 
 def add_train_options(p) -> None:
@@ -138,42 +138,42 @@ def add_train_options(p) -> None:
     p.add_argument("image_dir_pos", nargs="*", metavar="IMAGE_DIR",
                    help="folder with one subfolder per class; several folders: one per site (hospital), "
                         "trained on together with figures per site; a CSV with path,label[,site] columns also works")
-    _flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
+    add_flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
     add_output_option(p, "the model: model.onnx, labels.txt, cxrlab.json, report.html",
                       default_help="; default: runs/<timestamp>/model")
     add_backbone_option(p, t.backbone)
-    _flag(p, "bottleneck_dir", metavar="DIR", help="embedding cache folder (default: the user cache dir)")
+    add_flag(p, "bottleneck_dir", metavar="DIR", help="embedding cache folder (default: the user cache dir)")
     add_label_from_name_option(p)
     add_group_regex_option(p)
-    _flag(p, "split_file", metavar="CSV", help="reuse the split of this CSV manifest")
-    _flag(p, "testing_percentage", type=v.percentage, default=t.testing_percentage, metavar="PCT",
+    add_flag(p, "split_file", metavar="CSV", help="reuse the split of this CSV manifest")
+    add_flag(p, "testing_percentage", type=v.percentage, default=t.testing_percentage, metavar="PCT",
           help="0 to <100; with the validation share, under 100")
-    _flag(p, "validation_percentage", type=v.percentage, default=t.validation_percentage, metavar="PCT", help="0 to <100")
-    _flag(p, "solver", default=t.solver, choices=["lbfgs", "sgd"],
+    add_flag(p, "validation_percentage", type=v.percentage, default=t.validation_percentage, metavar="PCT", help="0 to <100")
+    add_flag(p, "solver", default=t.solver, choices=["lbfgs", "sgd"],
           help="lbfgs: regularised logistic regression; sgd: the tutorial's")
-    _flag(p, "how_many_training_steps", type=v.positive_int, default=t.how_many_training_steps, metavar="N",
+    add_flag(p, "how_many_training_steps", type=v.positive_int, default=t.how_many_training_steps, metavar="N",
           help="a whole number >= 1")
-    _flag(p, "learning_rate", type=v.positive_float, default=t.learning_rate, metavar="RATE", help="> 0 (sgd)")
-    _flag(p, "train_batch_size", type=v.batch_or_all, default=t.train_batch_size, metavar="N", help=">= 1, or -1 for all (sgd)")
-    _flag(p, "eval_step_interval", type=v.positive_int, default=t.eval_step_interval, metavar="N", help=">= 1")
-    _flag(p, "validation_batch_size", type=v.batch_or_all, default=t.validation_batch_size, metavar="N", help=">= 1, or -1 for all")
-    _flag(p, "test_batch_size", type=v.batch_or_all, default=t.test_batch_size, metavar="N", help=">= 1, or -1 for all")
-    _flag(p, "print_misclassified_test_images", action="store_true", help="list the test images the model gets wrong")
+    add_flag(p, "learning_rate", type=v.positive_float, default=t.learning_rate, metavar="RATE", help="> 0 (sgd)")
+    add_flag(p, "train_batch_size", type=v.batch_or_all, default=t.train_batch_size, metavar="N", help=">= 1, or -1 for all (sgd)")
+    add_flag(p, "eval_step_interval", type=v.positive_int, default=t.eval_step_interval, metavar="N", help=">= 1")
+    add_flag(p, "validation_batch_size", type=v.batch_or_all, default=t.validation_batch_size, metavar="N", help=">= 1, or -1 for all")
+    add_flag(p, "test_batch_size", type=v.batch_or_all, default=t.test_batch_size, metavar="N", help=">= 1, or -1 for all")
+    add_flag(p, "print_misclassified_test_images", action="store_true", help="list the test images the model gets wrong")
     add_positive_label_option(p, t.positive_label)
-    _flag(p, "operating_point", default=t.operating_point, type=v.operating_point, metavar="RULE",
+    add_flag(p, "operating_point", default=t.operating_point, type=v.operating_point, metavar="RULE",
           help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on validation")
-    _flag(p, "robust_operating_point", action="store_true",
+    add_flag(p, "robust_operating_point", action="store_true",
           help="choose the threshold on the validation images under simulated site shifts too (more conservative)")
-    _flag(p, "flip_left_right", action="store_true", help="augment with mirrored copies of the training images")
+    add_flag(p, "flip_left_right", action="store_true", help="augment with mirrored copies of the training images")
     for kind in ("crop", "scale", "brightness"):
-        _flag(p, f"random_{kind}", type=v.percentage_0_100, default=getattr(t, f"random_{kind}"), metavar="PCT",
+        add_flag(p, f"random_{kind}", type=v.percentage_0_100, default=getattr(t, f"random_{kind}"), metavar="PCT",
               help=f"random {kind} augmentation, percent, 0 to 100")
     add_no_ood_option(p, "do not fit the out-of-distribution gate")
-    _flag(p, "no_report", action="store_true", help="do not write report.html")
-    _flag(p, "summaries_dir", metavar="DIR", help="also write TensorBoard scalars into this folder (needs tensorboard)")
+    add_flag(p, "no_report", action="store_true", help="do not write report.html")
+    add_flag(p, "summaries_dir", metavar="DIR", help="also write TensorBoard scalars into this folder (needs tensorboard)")
     add_precision_option(p, t.precision)
-    _flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N", help="decode threads, >= 1 (default: up to 4, one per core)")
-    _flag(p, "batch_size", type=v.positive_int, default=t.batch_size, metavar="N",
+    add_flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N", help="decode threads, >= 1 (default: up to 4, one per core)")
+    add_flag(p, "batch_size", type=v.positive_int, default=t.batch_size, metavar="N",
           help="images per ONNX Runtime batch while embedding, >= 1")
     add_fine_tune_options(p, "(slower, more accurate)")
     add_seed_option(p, t.seed)
@@ -416,6 +416,35 @@ def run_cv(a) -> int:
     return 0
 
 
+def run_adapt(a) -> int:
+    from .adaptation import adapt
+
+    r = adapt(a.model, a.images, a.output, labelled=a.labelled, operating_point=a.operating_point,
+              batchnorm=not a.no_batchnorm, label_from_name=a.label_from_name)
+    before, after = r.shift["before"], r.shift["after"]
+    print(f"Site {r.site}: {r.n_images} image(s)" + (f", {r.n_labelled} labelled" if r.n_labelled else ""))
+    print(f"BatchNorm statistics re-estimated in {r.batchnorm_layers} layer(s)" if r.batchnorm_layers
+          else "BatchNorm statistics kept")
+    if "mean_positive_score" in before:
+        print(f"Mean positive score: {before['mean_positive_score']:.3f} -> {after['mean_positive_score']:.3f}")
+    if "flagged_at_parent_threshold" in before:
+        print(f"Flagged at the parent's threshold: {before['flagged_at_parent_threshold']:.1%} -> "
+              f"{after['flagged_at_parent_threshold']:.1%}")
+    print(f"Refused as unlike the training images: {before['refused']:.1%} -> {after['refused']:.1%}")
+    op = r.operating_point
+    if op:
+        (slo, shi), (plo, phi) = op["sensitivity_ci"], op["specificity_ci"]
+        print(f"Site operating point ({op['rule']}): threshold {op['threshold']:.4f}, sensitivity "
+              f"{op['sensitivity']:.1%} [{slo:.1%}-{shi:.1%}], specificity {op['specificity']:.1%} "
+              f"[{plo:.1%}-{phi:.1%}] on {op['n_positive'] + op['n_negative']} films")
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for path, reason in r.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"Model written to {r.model_dir}")
+    return 0
+
+
 def run_ood_check(a) -> int:
     model = load_model_arg(a)
     if model.ood_gate is None:
@@ -531,10 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", run_predict, "label images with a trained model")
     add_model_options(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
-    _flag(p, "top_k", type=v.positive_int, default=None, metavar="K", help="show the K best labels, K >= 1")
-    _flag(p, "format", choices=["text", "json", "csv"], default="text", help="how to print the predictions")
+    add_flag(p, "top_k", type=v.positive_int, default=None, metavar="K", help="show the K best labels, K >= 1")
+    add_flag(p, "format", choices=["text", "json", "csv"], default="text", help="how to print the predictions")
     add_no_ood_option(p)
-    _flag(p, "explain", metavar="DIR", help="also write class activation map overlays into this folder")
+    add_flag(p, "explain", metavar="DIR", help="also write class activation map overlays into this folder")
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
     add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
@@ -543,6 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_no_ood_option(p, "do not refuse out-of-distribution images: report every image as accepted")
     add_cv_options(command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings",
                            resumable=True))
+    p = command("adapt", run_adapt, "adapt a model to a new site (hospital): BatchNorm statistics, OOD reference "
+                "and, with labelled films, the site's own operating point")
+    add_model_options(p)
+    p.add_argument("images", metavar="SITE_DIR", help="the new site's images (with --labelled: one subfolder per class)")
+    add_output_option(p, "the adapted model directory", required=True)
+    add_flag(p, "labelled", action="store_true",
+             help="choose the site's own operating point on its labelled films (e.g. 30-100)")
+    add_flag(p, "operating_point", default="who", type=v.operating_point, metavar="RULE",
+             help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on the site's labelled films")
+    add_flag(p, "no_batchnorm", action="store_true", help="keep the network's BatchNorm statistics")
+    add_label_from_name_option(p)
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")
     add_model_options(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
@@ -557,11 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
     add_output_option(p, "the heatmaps", required=True)
-    _flag(p, "summary", action="store_true", help="print the share of heat in the image border")
+    add_flag(p, "summary", action="store_true", help="print the share of heat in the image border")
     p = command("compare", run_compare, "tabulate metrics and overlay the ROC curves of several runs or evaluations")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="a 'train --output' model dir or an 'evaluate --output' dir")
     add_output_option(p, "compare.html and compare.json")
-    _flag(p, "names", help="comma-separated names for the rows, one per DIR")
+    add_flag(p, "names", help="comma-separated names for the rows, one per DIR")
     p = command("site-shift", run_site_shift, "AUC and sens/spec at the stored operating point under simulated hospital differences")
     add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
@@ -571,17 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only unless changed)")
     p.add_argument("--port", type=v.port, default=8000, help="1 to 65535")
-    _flag(p, "allowed_host", action="append", metavar="NAME",
+    add_flag(p, "allowed_host", action="append", metavar="NAME",
                    help="a Host name clients use besides localhost and --host (repeatable; '*' allows any, "
                         "which turns off the DNS-rebinding guard)")
-    _flag(p, "max_upload_mb", type=float, metavar="MB", help="largest file (default 32)")
-    _flag(p, "max_request_mb", type=float, metavar="MB",
+    add_flag(p, "max_upload_mb", type=float, metavar="MB", help="largest file (default 32)")
+    add_flag(p, "max_request_mb", type=float, metavar="MB",
                    help="largest request body, all files together (default 128)")
-    _flag(p, "max_decode_mb", type=float, metavar="MB",
+    add_flag(p, "max_decode_mb", type=float, metavar="MB",
                    help="memory one image may take to decode, estimated from its header (default 1024)")
-    _flag(p, "decode_budget_mb", type=float, metavar="MB",
+    add_flag(p, "decode_budget_mb", type=float, metavar="MB",
                    help="decode memory of all images in flight together (default 2048)")
-    _flag(p, "request_timeout", type=float, metavar="SECONDS",
+    add_flag(p, "request_timeout", type=float, metavar="SECONDS",
                    help="time allowed for a request body to arrive (default 60)")
     return parser
 
@@ -592,9 +632,9 @@ def add_cv_options(p) -> None:
          "precision": t.precision, "seed": t.seed}
     p.add_argument("image_dir", nargs="+", metavar="IMAGE_DIR",
                    help="folder with one subfolder per class; several: one per site (folds stratified by site)")
-    _flag(p, "by_site", action="store_true",
+    add_flag(p, "by_site", action="store_true",
           help="leave one site out: each site in turn is tested on a model trained on the others")
-    _flag(p, "folds", type=v.folds, default=d["folds"], metavar="K", help="2 or more, at most the images (patients) of a class")
+    add_flag(p, "folds", type=v.folds, default=d["folds"], metavar="K", help="2 or more, at most the images (patients) of a class")
     add_backbone_option(p, d["backbone"])
     add_label_from_name_option(p)
     add_group_regex_option(p)

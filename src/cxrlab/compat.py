@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import (EXIT_STATUS, HelpFormatter, Parser, _flag, add_train_options, add_trust_option,
+from .cli import (EXIT_STATUS, HelpFormatter, Parser, add_flag, add_train_options, add_trust_option,
                   add_version_option, render_prediction_text, render_train_result, run_parser, train_kwargs)
 
 ARCHITECTURES = {"inception_v3": "inception-v3", "mobilenet": "efficientnet-lite0"}
@@ -87,13 +87,13 @@ def retrain_main(argv=None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     # embeddings go to the private per-user cache, never a shared /tmp folder
     p.set_defaults(func=_run_retrain, backbone=None, resumable=True)
-    _flag(p, "output_graph", default="/tmp/output_graph.pb", metavar="FILE",
+    add_flag(p, "output_graph", default="/tmp/output_graph.pb", metavar="FILE",
           help="the trained graph, written as ONNX (cxrlab's analogue of the .pb)")
-    _flag(p, "output_labels", default="/tmp/output_labels.txt", metavar="FILE", help="the class names, one a line")
-    _flag(p, "architecture", default="inception_v3",
+    add_flag(p, "output_labels", default="/tmp/output_labels.txt", metavar="FILE", help="the class names, one a line")
+    add_flag(p, "architecture", default="inception_v3",
           help="inception_v3 (the tutorial's) or any cxrlab backbone; --backbone, when given, wins")
     for ignored in ("model_dir", "final_tensor_name", "intermediate_output_graphs_dir", "intermediate_store_frequency"):
-        _flag(p, ignored, help="accepted for compatibility; not used")
+        add_flag(p, ignored, help="accepted for compatibility; not used")
     return run_parser(p, argv)
 
 
@@ -114,13 +114,13 @@ def label_image_main(argv=None) -> int:
                epilog="exit status: 0 when every image was labelled, 1 when any could not be read; "
                       "2 a bad option or an internal error", formatter_class=HelpFormatter)
     add_version_option(p)
-    _flag(p, "graph", default="/tmp/output_graph.pb", metavar="FILE", help="the graph written by retrain --output_graph")
-    _flag(p, "labels", default="/tmp/output_labels.txt", metavar="FILE",
+    add_flag(p, "graph", default="/tmp/output_graph.pb", metavar="FILE", help="the graph written by retrain --output_graph")
+    add_flag(p, "labels", default="/tmp/output_labels.txt", metavar="FILE",
           help="the labels written by retrain --output_labels")
-    _flag(p, "image", required=True, action="append", metavar="FILE", help="image file (repeat for several)")
+    add_flag(p, "image", required=True, action="append", metavar="FILE", help="image file (repeat for several)")
     add_trust_option(p)
     for ignored in ("input_layer", "output_layer", "input_height", "input_width", "input_mean", "input_std"):
-        _flag(p, ignored, help="accepted for compatibility: the preprocessing lives in the model")
+        add_flag(p, ignored, help="accepted for compatibility: the preprocessing lives in the model")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=_run_label_image)
     return run_parser(p, argv)

@@ -56,6 +56,7 @@ class Fit:
     head_info: dict  # cxrlab.json's "head"
     fine_tune_info: dict | None = None
     notes: list[str] = field(default_factory=list)
+    network: object | None = None  # the fine-tuned torch module (None for the linear head)
 
     @property
     def fine_tuned(self) -> bool:

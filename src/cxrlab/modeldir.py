@@ -168,7 +168,9 @@ def load_model_files(directory: str | os.PathLike, *, trust_modified: bool = Fal
 
 def needed_files(info: dict) -> list[str]:
     """The files a model cannot be used without: the graph, its labels, the arrays the info refers to."""
-    return [MODEL_FILE, LABELS_FILE] + ([info["ood"]["arrays"]] if info.get("ood") else [])
+    network = (info.get("fine_tune") or {}).get("network")  # a fine-tuned network, kept for `cxrlab adapt`
+    return [MODEL_FILE, LABELS_FILE] + ([info["ood"]["arrays"]] if info.get("ood") else []) + (
+        [network] if network else [])
 
 
 _RESTORE = "Retrain or restore the model (--trust-modified-model loads it anyway)."

@@ -203,7 +203,8 @@ INFO = {
     "created_by": Field(text()),
     "seed": Field(integer(0)),
     "metrics": Field(mapping(METRICS)),
-    **{key: Field(ANY_OBJECT) for key in ("head", "split", "training_data", "flags", "versions", "fine_tune")},
+    "fine_tune": Field(mapping({"network": Field(file_name)})),  # a file read on load: a plain name only
+    **{key: Field(ANY_OBJECT) for key in ("head", "split", "training_data", "flags", "versions", "adapted")},
 }
 
 # Relations between fields, checked once every field is itself valid.

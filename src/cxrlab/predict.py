@@ -85,6 +85,11 @@ class Model:
                                          embed_dim=_static_dim(self.session, "embedding"))
 
     @classmethod
+    def from_files(cls, files: ModelFiles, *, threads: int | None = None) -> "Model":
+        """A model held in memory (verified or just built, e.g. by ``cxrlab adapt`` before it is written)."""
+        return cls(".", threads=threads, _loaded=files, _sources=("<model in memory>", "<labels in memory>"))
+
+    @classmethod
     def from_graph(cls, graph: str | os.PathLike, labels_file: str | os.PathLike, *,
                    trust_modified: bool = False, threads: int | None = None) -> "Model":
         """A bare ONNX file + labels file (the tutorial's --graph/--labels), without cxrlab.json.

@@ -233,6 +233,7 @@ def train(
     metrics, rows_te, P_te = evaluate_split(fit, cal, splits, labels, positive, o.test_batch_size, o.seed, notes)
 
     gate = _ood_gate(fit, splits, frozen.digests, image_dir, o.progress) if o.ood else None
+    arrays = {**(gate.arrays() if gate else {}), **_network_arrays(fit, cal)}
     info = model_info(
         labels=labels, positive_label=positive, backbone=fit.backbone, head=fit.head_info,
         calibration=cal.calibration_info, operating_point=cal.operating_point_info,
@@ -245,7 +246,7 @@ def train(
                            metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
     if run_dir != model_dir:
         claim(run_dir, "train", files=(model_dir.name, *RUN_FILES), inputs=inputs)
-    save_model(model_dir, onnx_bytes=onnx_bytes, labels=labels, info=info, arrays=gate.arrays() if gate else {})
+    save_model(model_dir, onnx_bytes=onnx_bytes, labels=labels, info=info, arrays=arrays)
     claim(run_dir, "train", files=RUN_FILES)
     manifest.write(run_dir / "split.csv")
 
@@ -266,6 +267,16 @@ def train(
         if "heatmaps" in written:
             result.metrics["heatmaps"] = written["heatmaps"]
     return result
+
+
+def _network_arrays(fit: Fit, cal: Calibrated) -> dict[str, bytes]:
+    """A fine-tuned network is kept beside the model (and named in fit.fine_tune_info) so that it can be adapted."""
+    if fit.network is None:
+        return {}
+    from .finetune.network import NETWORK_FILE, network_arrays
+
+    fit.fine_tune_info["network"] = NETWORK_FILE
+    return {NETWORK_FILE: network_arrays(fit.network, cal.head.coef_, cal.head.intercept_, cal.temperature)}
 
 
 def _training_data(dataset: Dataset, n_skipped: int) -> dict:

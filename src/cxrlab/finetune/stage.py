@@ -87,6 +87,7 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
     fit = Fit(new_bb, embedder, None, vectors, head, curve, None, splits.y(validation), "validation split",
               {"type": "linear-softmax", "solver": "fine-tune", "trained_with_backbone": True})
     fit.cal_logits = head.decision_function(fit.X(validation))
+    fit.network = res.module  # saved beside the model (finetune.network), for `cxrlab adapt`
     fit.fine_tune_info = {
         "base_backbone": bb.id, "base_weights_sha256": bb.weights_sha256, "weights_sha256": sha,
         "options": options.to_dict(), "history": res.history, "best_epoch": res.best_epoch, "seconds": res.seconds,
