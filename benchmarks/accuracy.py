@@ -1,7 +1,13 @@
-"""Accuracy benchmark: k-fold CV on Shenzhen, linear head vs fine-tuned variants, same folds for every variant.
+"""Accuracy benchmark: k-fold CV on Shenzhen, linear head vs fine-tuned variants, same folds for every variant;
+with --external, each variant also trained as `cxrlab train` ships it and scored on hospitals it never saw.
 
     python benchmarks/accuracy.py ../shared/data/shenzhen --variants linear,plain,best --folds 5 [--run-folds 0,1]
-        [--ft KEY=VALUE ...] [--site-shift] [--output results.json]
+        [--ft KEY=VALUE ...] [--site-shift] [--external ../shared/data/india_da ...] [--output results.json]
+
+--external DIR (repeatable): per variant, one model trained by ``cxrlab.train`` on all of DATA (its own split, as
+the README's command does) and evaluated on DIR: ROC AUC with its DeLong 95% CI, sensitivity/specificity at the
+shipped threshold (an image refused as "not a chest X-ray like the training images" counts as not flagged), the
+refusal rate, and the minutes the training took. ``--run-folds none`` skips the cross-validation.
 
 Every variant runs the steps `cxrlab train` ships, through the functions `cxrlab cv` uses (crossval.fold_entries,
 training.fit_and_calibrate, training.evaluate_split): fit (linear head or fine-tuning), calibration (Platt folded
@@ -97,6 +103,37 @@ def run_variant(name, options, root, samples, labels, run_folds, *, folds, seed,
     return rows, shift_by_fold
 
 
+def external_figures(name, options, root, externals, *, seed, threads):
+    """Train the variant as `cxrlab train` ships it, then score it on every external site (never trained on)."""
+    import tempfile
+
+    import torch
+
+    import cxrlab
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="cxrlab-bench-") as tmp:
+        t0 = time.time()
+        r = cxrlab.train(root, output=Path(tmp) / "model", fine_tune=options is not None,
+                         fine_tune_options=copy.deepcopy(options), seed=seed, report=False)
+        minutes = (time.time() - t0) / 60
+        model = cxrlab.load_model(r.model_dir)
+        out = {"minutes": round(minutes, 2), "own_test_auc": r.metrics["test"]["auc"], "sites": {}}
+        for ext in externals:
+            ev = cxrlab.evaluate(model, ext)
+            y = np.array([t == model.positive_label for t in ev.true_labels])
+            flagged = np.array([p.label == model.positive_label for p in ev.predictions])  # refused: not flagged
+            refused = np.array([bool(p.ood) for p in ev.predictions])
+            rep = ev.metrics["all"]
+            site = {"auc": rep["auc"], "auc_ci": rep["auc_ci"], "sensitivity": float(flagged[y].mean()),
+                    "specificity": float((~flagged[~y]).mean()), "refused": float(refused.mean()), "n": int(len(y))}
+            out["sites"][Path(ext).name] = site
+            print(f"{name} on {Path(ext).name}: AUC {site['auc']:.3f} [{site['auc_ci'][0]:.3f}-{site['auc_ci'][1]:.3f}]"
+                  f"  sens {site['sensitivity']:.3f} spec {site['specificity']:.3f} at the shipped threshold"
+                  f"  refused {site['refused']:.1%}  (N={site['n']}; trained in {minutes:.1f} min)", flush=True)
+    return out
+
+
 def summary(rows):
     out = {}
     for m in ("auc", "accuracy", "sensitivity", "specificity"):
@@ -128,13 +165,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--site-shift", action="store_true")
     p.add_argument("--output", default=None, help="write all figures as JSON here")
+    p.add_argument("--external", action="append", default=[], metavar="DIR",
+                   help="also train each variant as shipped and score it on this hospital's labelled folder")
     a = p.parse_args(argv)
 
     from cxrlab.discover import discover
 
     root = Path(a.data)
     ds = discover(root)
-    run_folds = [int(f) for f in a.run_folds.split(",")] if a.run_folds else list(range(a.folds))
+    run_folds = ([] if a.run_folds == "none" else [int(f) for f in a.run_folds.split(",")] if a.run_folds
+                 else list(range(a.folds)))
     results = {"data": str(root), "n": len(ds.samples), "folds": a.folds, "run_folds": run_folds, "variants": {}}
     for name in a.variants.split(","):
         options = None if name == "linear" else VARIANTS[name]()
@@ -142,9 +182,16 @@ def main(argv=None):
             k, _, v = item.partition("=")
             options.set(k, v)
         rows, shifts = run_variant(name, options, root, ds.samples, ds.labels, run_folds, folds=a.folds, seed=a.seed,
-                                   site_shift=a.site_shift, threads=a.threads)
-        entry = {"options": options.to_dict() if options else None, "folds": rows, "summary": summary(rows),
-                 "minutes_per_fold": float(np.mean([r["minutes"] for r in rows]))}
+                                   site_shift=a.site_shift, threads=a.threads) if run_folds else ([], [])
+        entry = {"options": options.to_dict() if options else None, "folds": rows}
+        if a.external:
+            entry["external"] = external_figures(name, options, root, a.external, seed=a.seed, threads=a.threads)
+        results["variants"][name] = entry
+        if not rows:
+            if a.output:
+                Path(a.output).write_text(json.dumps(results, indent=2, default=float))
+            continue
+        entry.update(summary=summary(rows), minutes_per_fold=float(np.mean([r["minutes"] for r in rows])))
         s = entry["summary"]
         print(f"{name}: AUC {s['auc'][0]:.3f} ± {s['auc'][1]:.3f}  accuracy {s['accuracy'][0]:.3f} ± {s['accuracy'][1]:.3f}  "
               f"sens {s['sensitivity'][0]:.3f} spec {s['specificity'][0]:.3f}  "

@@ -25,7 +25,8 @@ def shenzhen_dir():
 
 @pytest.fixture(scope="session")
 def shenzhen_run(shenzhen_dir, tmp_path_factory):
-    """One default training run on Shenzhen shared by the slow tests, and its bottleneck folder."""
+    """One default training run on Shenzhen (the README's main command: the fine-tuning recipe) shared by the
+    slow tests, and its bottleneck folder."""
     import cxrlab
 
     out = tmp_path_factory.mktemp("shenzhen") / "model"

@@ -59,7 +59,7 @@ def test_user_onnx_backbone_trains_and_predicts(tmp_path, tiny_dataset, opset):
 
 def test_distortions_bypass_cache_and_warn_about_flips(tmp_path, tiny_dataset):
     r = cxrlab.train(tiny_dataset, output=tmp_path / "m", flip_left_right=True, random_brightness=10,
-                     random_crop=5, distortion_copies=2, report=False, ood=False)
+                     random_crop=5, distortion_copies=2, report=False, ood=False, fine_tune=False)
     assert any("heart" in n for n in r.notes)
     assert r.metrics["n"]["train"] > 0
 

@@ -83,8 +83,8 @@ def _with_option(name: str, option: str, value) -> list[str]:
     argv = [name, option] + ([] if value is None else [value])
     required = {"predict": ["-m", "m", "x.png"], "evaluate": ["-m", "m", "d"], "site-shift": ["-m", "m", "d"],
                 "ood-check": ["-m", "m", "x.png"], "explain": ["-m", "m", "x.png"], "serve": ["-m", "m"],
-                "cv": ["d"], "compare": ["a"], "datasets": ["download", "shenzhen", "d"]}
-    if name == "explain" and option != "--output":
+                "cv": ["d"], "compare": ["a"], "datasets": ["download", "shenzhen", "d"], "adapt": ["-m", "m", "d"]}
+    if name in ("explain", "adapt") and option != "--output":
         argv += ["-o", "out"]
     return argv + required.get(name, [])
 

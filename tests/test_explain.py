@@ -43,7 +43,7 @@ def blob_model(tmp_path_factory):
     base = tmp_path_factory.mktemp("blobs")
     root = write_set(base / "train", 40, 0)
     held_out = write_set(base / "held_out", 15, 10_000, labels=("abnormal",)) / "abnormal"
-    r = cxrlab.train(root, output=base / "model", report=False, ood=False)
+    r = cxrlab.train(root, output=base / "model", report=False, ood=False, fine_tune=False)
     return load_model(r.model_dir), sorted(held_out.glob("*.png"))
 
 

@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("data") / "lungs", n_per_class=30)
     out = tmp_path_factory.mktemp("run") / "model"
     result = cxrlab.train(root, output=out, validation_percentage=20, testing_percentage=20,
-                          bottleneck_dir=tmp_path_factory.mktemp("bn"))
+                          bottleneck_dir=tmp_path_factory.mktemp("bn"), fine_tune=False)  # the fast linear path
     return root, out, result
 
 
@@ -69,7 +69,8 @@ def test_model_dir_integrity(trained, tmp_path):
 
 def test_same_seed_same_model(trained, tmp_path):
     root, out, _ = trained
-    again = cxrlab.train(root, output=tmp_path / "again", validation_percentage=20, testing_percentage=20, report=False)
+    again = cxrlab.train(root, output=tmp_path / "again", validation_percentage=20, testing_percentage=20, report=False,
+                         fine_tune=False)
     assert (again.model_dir / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
 
 
@@ -126,7 +127,7 @@ def test_summaries_dir_writes_tensorboard_scalars(trained, tmp_path):
 
     root, _, _ = trained
     cxrlab.train(root, output=tmp_path / "m", summaries_dir=tmp_path / "tb", report=False, ood=False,
-                 validation_percentage=20, testing_percentage=20)
+                 validation_percentage=20, testing_percentage=20, fine_tune=False)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])

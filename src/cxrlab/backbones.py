@@ -115,6 +115,12 @@ def _suggest(name: str) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def can_fine_tune(name: str) -> bool:
+    """A registry backbone with torch weights (``onnx:`` feature extractors can only carry a linear head)."""
+    spec = REGISTRY.get(name)
+    return spec is not None and spec.builder is not None
+
+
 def get_spec(name: str) -> BackboneSpec:
     path = onnx_file(name)
     if path is not None:

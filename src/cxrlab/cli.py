@@ -66,7 +66,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_flag(parser, name: str, *short: str, **kwargs):
     """Accept both the tutorial's --snake_case spelling and --kebab-case (and any short alias, e.g. -o)."""
     names = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
-    return parser.add_argument(*short, *names, dest=name, **kwargs)
+    return parser.add_argument(*short, *names, **{"dest": name, **kwargs})
 
 
 # ------------------------------------------------------------------ option groups shared by several commands
@@ -117,11 +117,15 @@ def add_seed_option(p, default: int) -> None:
 
 
 def add_fine_tune_options(p, what: str) -> None:
-    add_flag(p, "fine_tune", action="store_true", help=f"fine-tune the backbone end to end in torch {what}")
+    recipe = p.add_mutually_exclusive_group()
+    add_flag(recipe, "fine_tune", action="store_const", const=True, default=None,
+             help=f"fine-tune the backbone end to end in torch {what} (the default for registry backbones)")
+    add_flag(recipe, "head_only", dest="fine_tune", action="store_const", const=False,
+             help="the tutorial's recipe: a linear head on frozen embeddings (fast, less accurate elsewhere)")
     add_flag(p, "epochs", type=v.positive_int, default=FineTuneOptions.epochs, metavar="N",
-          help="fine-tuning epochs (with --fine-tune), >= 1")
+          help="fine-tuning epochs, >= 1")
     add_flag(p, "ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
-          help="a fine-tuning choice (with --fine-tune), e.g. lr=1e-4, intensity=window, input_size=299, "
+          help="a fine-tuning choice, e.g. lr=1e-4, intensity=window, input_size=299, "
                "augment.gamma=0.3 (see cxrlab.finetune.FineTuneOptions); repeat for several")
 
 
@@ -237,10 +241,10 @@ def train_kwargs(a) -> dict:
 
 
 def _fine_tune_args(a) -> dict:
-    if not getattr(a, "fine_tune", False):
+    if getattr(a, "fine_tune", None) is False:
         if getattr(a, "ft", None):
-            raise CxrlabError("--ft options need --fine-tune")
-        return {}
+            raise CxrlabError("--ft options are fine-tuning choices; drop --head-only")
+        return {"fine_tune": False}
     options = FineTuneOptions(epochs=a.epochs)
     for key, value in a.ft:
         options.set(key, value)
@@ -252,7 +256,7 @@ def _fine_tune_args(a) -> dict:
             print(f"Epoch {row['epoch']}: loss {row['loss']:.4f}{auc}{' (best so far)' if row.get('best') else ''}",
                   flush=True)
 
-    return {"fine_tune": True, "epochs": a.epochs, "fine_tune_options": options, "on_epoch": on_epoch}
+    return {"fine_tune": a.fine_tune, "epochs": a.epochs, "fine_tune_options": options, "on_epoch": on_epoch}
 
 
 def render_train_result(r, *, print_misclassified: bool = False) -> None:
@@ -404,7 +408,7 @@ def run_cv(a) -> int:
     ft = _fine_tune_args(a)
     r = cross_validate(a.image_dir if len(a.image_dir) > 1 else a.image_dir[0], by_site=a.by_site, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
-                       precision=a.precision, fine_tune=bool(ft), fine_tune_options=ft.get("fine_tune_options"))
+                       precision=a.precision, fine_tune=ft["fine_tune"], fine_tune_options=ft.get("fine_tune_options"))
     for row in r["folds"]:
         print(f"{'site ' + row['site'] if 'site' in row else 'fold ' + str(row['fold'])}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
               f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")

@@ -30,6 +30,8 @@ def _run_retrain(a) -> int:
     model_dir = graph.with_name(graph.stem + ".cxrlab")
     _check_retrain_outputs(graph, labels, model_dir, image_dir)  # train() checks model_dir itself
     a.backbone = a.backbone or ARCHITECTURES.get(a.architecture, a.architecture)
+    if a.fine_tune is None:  # the tutorial retrains the last layer only; --fine-tune opts in
+        a.fine_tune = False
     r = train(image_dir, output=model_dir, on_step=print_step, progress=TqdmProgress(), **train_kwargs(a))
     render_train_result(r, print_misclassified=a.print_misclassified_test_images)
     atomic_write_bytes(graph, (model_dir / "model.onnx").read_bytes())

@@ -30,14 +30,16 @@ INNER_VALIDATION_FOLDS = 5  # the inner validation split is one fifth of the tra
 def cross_validate(image_dir, *, folds: int = DEFAULT_FOLDS, backbone: str = DEFAULT_BACKBONE,
                    label_from_name: str | None = None, group_regex: str | None = None,
                    positive_label: str = CV_POSITIVE_LABEL, operating_point: str = "who", bottleneck_dir=None,
-                   seed: int = 0, progress: Progress | None = None, precision: str = "fp32", fine_tune: bool = False,
+                   seed: int = 0, progress: Progress | None = None, precision: str = "fp32", fine_tune: bool | None = None,
                    fine_tune_options=None, by_site: bool = False) -> dict:
     """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the model ``train`` would ship.
 
     ``image_dir``: a folder, or a list of folders (one per site; folds are then stratified by site and class).
+    ``fine_tune``: None runs the default recipe, as ``train`` does (fine-tuning a registry backbone; slow).
     ``by_site``: leave-one-site-out instead of k folds: each site in turn is the test fold, the model trained
     on the others; its figures estimate how the recipe does at a hospital it has never seen."""
     cv_arguments(**locals())  # before any image is read
+    fine_tune, recipe_note = TrainOptions(backbone=backbone, precision=precision, fine_tune=fine_tune).recipe()
     ds = discover_sites(image_dir if isinstance(image_dir, (list, tuple)) else [image_dir],
                         label_from_name=label_from_name)
     root = ds.root
@@ -59,7 +61,7 @@ def cross_validate(image_dir, *, folds: int = DEFAULT_FOLDS, backbone: str = DEF
     return {"folds": per_fold, "summary": summary, "n_images": len(samples), "by_site": by_site,
             "sites": ds.counts_by_site(), "skipped": [s.__dict__ for s in frozen.skipped],
             "backbone": frozen.backbone.id, "precision": frozen.backbone.precision, "seed": seed,
-            "fine_tune": fine_tune,
+            "fine_tune": fine_tune, "notes": [recipe_note] if recipe_note else [],
             "calibration": "as train ships it (validation split + out-of-fold training scores for the linear head)"}
 
 

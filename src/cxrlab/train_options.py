@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .backbones import DEFAULT_BACKBONE
+from .backbones import DEFAULT_BACKBONE, can_fine_tune
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class TrainOptions:
     seed: int = 0
     on_step: Callable[[StepInfo], None] | None = None
     progress: Progress | None = None
-    fine_tune: bool = False
+    fine_tune: bool | None = None  # None: the default recipe, see recipe()
     epochs: int = 8
     fine_tune_options: FineTuneOptions | None = None  # None: FineTuneOptions(epochs=epochs)
     on_epoch: Callable[[dict], None] | None = None
@@ -63,6 +63,18 @@ class TrainOptions:
     precision: str = "fp32"
     workers: int | None = None
     batch_size: int = 32
+
+    def recipe(self) -> tuple[bool, str | None]:
+        """(fine-tune?, a note when the default could not be followed). The default recipe fine-tunes the network
+        (measured best, within another hospital too); an ``onnx:`` backbone or ``int8`` precision only carries the
+        tutorial's linear head (``fine_tune=False``, ``--head-only``)."""
+        if self.fine_tune is not None:
+            return bool(self.fine_tune), None
+        if not can_fine_tune(self.backbone):
+            return False, f"backbone {self.backbone} cannot be fine-tuned: trained the linear head only"
+        if self.precision != "fp32":
+            return False, f"--precision {self.precision} quantises a frozen backbone: trained the linear head only"
+        return True, None
 
     def head(self):
         """The linear head's options (head.HeadOptions)."""

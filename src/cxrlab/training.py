@@ -181,8 +181,10 @@ def train(
         Called with a :class:`cxrlab.head.StepInfo` at each evaluation step (the tutorial's lines).
     progress : cxrlab.progress.Progress or None
         Progress reporter (``TqdmProgress`` for bars); None: silent.
-    fine_tune : bool
-        Fine-tune the backbone end to end in torch (slower, usually more accurate).
+    fine_tune : bool or None
+        None (default): the measured best recipe, fine-tuning the backbone end to end in torch, for a
+        registry backbone at fp32 precision; else the linear head. True: fine-tune (an error where it
+        cannot). False: the tutorial's linear head on frozen embeddings (``--head-only``, fast).
     epochs : int
         Fine-tuning epochs when ``fine_tune_options`` is None.
     fine_tune_options : cxrlab.finetune.FineTuneOptions or None
@@ -211,6 +213,7 @@ def train(
     """
     o = TrainOptions(**{name: value for name, value in locals().items() if name != "image_dir"})
     train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
+    o.fine_tune, recipe_note = o.recipe()
     started = time.time()
     inputs = [Path(p) for p in (image_dir if isinstance(image_dir, (list, tuple)) else [image_dir])]
     run_dir, model_dir = _output_dirs(o.output, inputs, o.summaries_dir, o.bottleneck_dir)
@@ -220,7 +223,7 @@ def train(
     manifest, split_notes = split_samples(dataset.samples, validation_percentage=o.validation_percentage,
                                           testing_percentage=o.testing_percentage, group_regex=o.group_regex,
                                           previous=previous)
-    notes = list(dataset.warnings) + split_notes
+    notes = list(dataset.warnings) + split_notes + ([recipe_note] if recipe_note else [])
     labels = dataset.labels
     check_calibration(o.calibration, len(labels))  # before any embedding or fine-tuning is spent
     positive = resolve_positive_label(labels, o.positive_label, notes)

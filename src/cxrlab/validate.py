@@ -251,8 +251,10 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
         raise DataError(f"--label-from-name must be 'nlm' or a regular expression, got {label_from_name!r}")
     if split_file is not None:
         _check_split_file(split_file)
-    if fine_tune:
-        _check_fine_tune(backbone, fine_tune_options, epochs)
+    if fine_tune not in (None, True, False):
+        raise DataError(f"fine_tune must be True, False or None (the default recipe), got {fine_tune!r}")
+    if fine_tune is not False:  # None: the default recipe fine-tunes where the backbone can be
+        _check_fine_tune(backbone, fine_tune_options, epochs, required=bool(fine_tune))
     if bottleneck_dir is not None:
         check_writable_dir("--bottleneck-dir", bottleneck_dir)
     if summaries_dir is not None:
@@ -260,12 +262,12 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
     check_writable_dir("--output", output if output is not None else "runs")
 
 
-def _check_fine_tune(backbone: str, fine_tune_options, epochs: int | None) -> None:
+def _check_fine_tune(backbone: str, fine_tune_options, epochs: int | None, required: bool = True) -> None:
     from .finetune import FineTuneOptions
 
     if epochs is not None:
         check_int("--epochs", epochs, 1)
-    if backbone.startswith("onnx:"):
+    if required and backbone.startswith("onnx:"):
         raise DataError(f"--fine-tune needs a registry backbone with torch weights, not {backbone}; "
                         "drop --fine-tune or use e.g. --backbone efficientnet-lite0")
     options = fine_tune_options or (FineTuneOptions() if epochs is None else FineTuneOptions(epochs=epochs))
@@ -298,8 +300,8 @@ def cv_arguments(*, image_dir, folds, backbone, group_regex, positive_label, ope
     parse_operating_point(operating_point)
     check_seed(seed)
     check_choice("--precision", precision, ("fp32", "int8"))
-    if fine_tune:
-        _check_fine_tune(backbone, fine_tune_options, epochs=None)
+    if fine_tune is not False:
+        _check_fine_tune(backbone, fine_tune_options, epochs=None, required=bool(fine_tune))
     if bottleneck_dir is not None:
         check_writable_dir("--bottleneck-dir", bottleneck_dir)
 
