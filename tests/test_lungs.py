@@ -69,6 +69,19 @@ def test_what_is_not_a_chest_film_falls_back(name, gray):
     assert lungs.crop_to_lungs(gray).shape == gray.shape
 
 
+def test_one_lung_found_takes_in_its_mirror_image():
+    """A lung whitened by disease is not found: the box must not cut it off."""
+    prob = np.zeros((lungs.SIZE, lungs.SIZE), np.float32)
+    prob[20:100, 70:110] = 1  # the left lung only (image right)
+    one = lungs.box_from_mask(prob, (256, 256), margin=0)
+    assert not one.fell_back and (one.left, one.right) == (36, 220) and (one.top, one.bottom) == (40, 200)
+    prob[20:100, 18:58] = 1  # both lungs
+    assert lungs.box_from_mask(prob, (256, 256), margin=0) == lungs.LungBox(40, 36, 200, 220, False)
+    prob[20:100, 18:58] = 0
+    prob[30:34, 30:34] = 1  # a speck is no lung
+    assert lungs.box_from_mask(prob, (256, 256), margin=0) == one
+
+
 def test_mask_at_the_image_size():
     gray = photo_like(3, (37, 53))
     mask = lungs.lung_mask(gray)
