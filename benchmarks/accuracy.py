@@ -103,8 +103,9 @@ def run_variant(name, options, root, samples, labels, run_folds, *, folds, seed,
     return rows, shift_by_fold
 
 
-def external_figures(name, options, root, externals, *, seed, threads):
-    """Train the variant as `cxrlab train` ships it, then score it on every external site (never trained on)."""
+def external_figures(name, options, root, externals, *, seed, threads, keep=None):
+    """Train the variant as `cxrlab train` ships it, then score it on every external site (never trained on).
+    ``keep``: a folder to keep the trained model in (as ``keep/name``), e.g. for benchmarks/adapt.py."""
     import tempfile
 
     import torch
@@ -114,7 +115,7 @@ def external_figures(name, options, root, externals, *, seed, threads):
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="cxrlab-bench-") as tmp:
         t0 = time.time()
-        r = cxrlab.train(root, output=Path(tmp) / "model", fine_tune=options is not None,
+        r = cxrlab.train(root, output=Path(keep or tmp) / name, fine_tune=options is not None,
                          fine_tune_options=copy.deepcopy(options), seed=seed, report=False)
         minutes = (time.time() - t0) / 60
         model = cxrlab.load_model(r.model_dir)
@@ -167,6 +168,7 @@ def main(argv=None):
     p.add_argument("--output", default=None, help="write all figures as JSON here")
     p.add_argument("--external", action="append", default=[], metavar="DIR",
                    help="also train each variant as shipped and score it on this hospital's labelled folder")
+    p.add_argument("--keep-models", metavar="DIR", help="with --external: keep each variant's model in DIR/VARIANT")
     a = p.parse_args(argv)
 
     from cxrlab.discover import discover
@@ -185,7 +187,8 @@ def main(argv=None):
                                    site_shift=a.site_shift, threads=a.threads) if run_folds else ([], [])
         entry = {"options": options.to_dict() if options else None, "folds": rows}
         if a.external:
-            entry["external"] = external_figures(name, options, root, a.external, seed=a.seed, threads=a.threads)
+            entry["external"] = external_figures(name, options, root, a.external, seed=a.seed, threads=a.threads,
+                                                 keep=a.keep_models)
         results["variants"][name] = entry
         if not rows:
             if a.output:

@@ -43,7 +43,7 @@ def test_label_free_adaptation_reestimates_batchnorm_and_records_the_parent(pare
     assert info["adapted"]["site"] == "hospital_b" and info["adapted"]["n_images"] == 48
     assert info["operating_point"] == parent_info["operating_point"]
     assert (tmp_path / "adapted" / "model.onnx").read_bytes() != (parent / "model.onnx").read_bytes()
-    assert set(r.shift) == {"before", "after"} and "mean_positive_score" in r.shift["after"]
+    assert set(r.shift) == {"before", "after", "ks_distance"} and "mean_positive_score" in r.shift["after"]
     model = cxrlab.load_model(tmp_path / "adapted")
     preds = model.predict([str(new_site)])
     assert sum(p.ood for p in preds) <= 2  # the site's own films are what the refitted reference calls genuine

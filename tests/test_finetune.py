@@ -89,6 +89,23 @@ def test_augment_batch_is_seeded_and_keeps_range():
     assert torch.allclose(ident, x, atol=1e-5)
 
 
+def test_acquisition_shift_augmentations_are_seeded_and_change_the_images():
+    import torch
+
+    x = torch.rand(6, 1, 96, 96) * 0.5 + 0.25
+    cfg = AugmentConfig.none()
+    for name, value in (("lowres", 1.0), ("noise", 0.05), ("film_curve", 1.0)):
+        one = AugmentConfig(**{**cfg.__dict__, name: value})
+        a = augment_batch(x, 96, one, torch.Generator().manual_seed(3))
+        b = augment_batch(x, 96, one, torch.Generator().manual_seed(3))
+        assert torch.equal(a, b), name
+        assert 0 <= float(a.min()) and float(a.max()) <= 1, name
+        assert float((a - x).abs().mean()) > 0.005, name  # each really alters the films
+    blurred = augment_batch(x, 96, AugmentConfig(**{**cfg.__dict__, "lowres": 1.0}), torch.Generator().manual_seed(3))
+    assert float((blurred[:, :, :, 1:] - blurred[:, :, :, :-1]).abs().mean()) < float(
+        (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean())  # resolution loss smooths pixel-to-pixel noise
+
+
 def test_options_from_strings():
     o = FineTuneOptions()
     o.set("lr", "1e-4")

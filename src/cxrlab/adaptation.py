@@ -21,7 +21,6 @@ from .errors import DataError, ImageError
 from .modeldir import MODEL_FILE, ModelFiles, load_model_files, save_model
 
 MIN_SITE_IMAGES = 40  # fewer: BatchNorm statistics and the OOD reference would be guesses
-GATE_VALIDATION_SHARE = 0.25  # of the site's images, where the refitted gate's threshold is set
 SMALL_SAMPLE = 50  # per class: below it the site's sensitivity/specificity carry wide intervals
 
 
@@ -40,7 +39,7 @@ class AdaptResult:
 
 def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.PathLike, *,
           labelled: bool = False, operating_point: str = "who", batchnorm: bool = True,
-          label_from_name: str | None = None, seed: int = 0) -> AdaptResult:
+          label_from_name: str | None = None, seed: int = 0, trust_modified: bool = False) -> AdaptResult:
     """Adapt the model directory ``model`` to the site whose images are in ``images``; write it to ``output``.
 
     Parameters
@@ -62,7 +61,10 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     label_from_name : str or None
         With ``labelled``: take the label from the file name (``"nlm"`` or a regex with ``(?P<label>...)``).
     seed : int
-        Seed of the split of the site's images for the OOD threshold.
+        Seed of the cross-fitting folds of the site's images for the OOD reference.
+    trust_modified : bool
+        Adapt a parent whose files differ from their SHA-256 record (with a warning); the new model records
+        the parent's hashes as found.
     """
     from .calibrate import parse_operating_point
     from .outputs import check_output_dir
@@ -73,7 +75,7 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     if os.path.realpath(output) == os.path.realpath(model):
         raise DataError(f"--output {output} is the model being adapted; give a new folder (the parent is kept)")
     check_output_dir(output, "train", inputs=[images, model], replace=True)
-    parent = load_model_files(model)
+    parent = load_model_files(model, trust_modified=trust_modified)
     paths, labels_of = _site_images(images, parent, labelled, label_from_name)
     site = _Site.load(paths, int(parent.info["backbone"]["input_size"]))
     if len(site.arrays) < MIN_SITE_IMAGES:
@@ -84,7 +86,7 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     after = _Candidate(files).score(site)
     op, op_notes = (None, []) if not labelled else _site_operating_point(files, site, after, labels_of,
                                                                          operating_point)
-    shift = _shift(parent, files, before, after)
+    shift = _shift(parent, before, after)
     files.info["adapted"] = _provenance(model, parent, images, site, labels_of, layers, shift, op)
     if op is not None:
         files.info["operating_point"] = op
@@ -189,17 +191,13 @@ def _adapted_network(parent: ModelFiles, site: _Site, batchnorm: bool) -> tuple[
 
 
 def _refit_gate(files: ModelFiles, scored: dict, seed: int) -> ModelFiles:
-    """The OOD reference refitted on the site's accepted-looking images (embeddings of the adapted network);
-    a quarter of them, drawn with ``seed``, sets its threshold."""
-    from .ood import fit_gate
+    """The OOD reference refitted on the site's images (embeddings of the adapted network), cross-fitted so
+    that the site's films it did not see are judged like the ones it did."""
+    from .ood import fit_gate_cross
 
-    X = scored["embedding"]
-    held = np.random.default_rng(seed).permutation(len(X)) < int(len(X) * GATE_VALIDATION_SHARE)
-    # A subspace of a fifth of the images at most: with more axes than that, the few fitting images are explained
-    # almost exactly and the site's other films look far away (measured: 12 of 48 refused with 32 axes).
-    gate = fit_gate(None, X[~held], X[held], n_components=max(2, min(32, int((~held).sum()) // 5)))
+    gate = fit_gate_cross(scored["embedding"], seed=seed)
     arrays = {**files.arrays, **gate.arrays()}
-    info = {**files.info, "ood": {**gate.info(), "data": "the adapted site's images"}}
+    info = {**files.info, "ood": {**gate.info(), "data": "the adapted site's images (cross-fitted)"}}
     return ModelFiles(info, files.labels, files.onnx_bytes, arrays)
 
 
@@ -231,7 +229,7 @@ def _site_operating_point(files: ModelFiles, site: _Site, after: dict, labels_of
     return info, notes
 
 
-def _shift(parent: ModelFiles, files: ModelFiles, before: dict, after: dict) -> dict:
+def _shift(parent: ModelFiles, before: dict, after: dict) -> dict:
     """How far the site's scores moved: mean positive score, share flagged at the threshold, share refused."""
     op = parent.info.get("operating_point") or {}
     pos = parent.labels.index(parent.info["positive_label"]) if parent.info.get("positive_label") else None
@@ -245,7 +243,12 @@ def _shift(parent: ModelFiles, files: ModelFiles, before: dict, after: dict) -> 
                 out["flagged_at_parent_threshold"] = float(np.mean(s >= op["threshold"]))
         return out
 
-    return {"before": summary(before), "after": summary(after)}
+    out = {"before": summary(before), "after": summary(after)}
+    if pos is not None:  # how far the whole distribution moved, not only its mean (0: same, 1: disjoint)
+        from scipy.stats import ks_2samp
+
+        out["ks_distance"] = float(ks_2samp(before["probs"][:, pos], after["probs"][:, pos]).statistic)
+    return out
 
 
 def _provenance(model: Path, parent: ModelFiles, images: Path, site: _Site, labels_of: dict, layers: int,

@@ -424,13 +424,14 @@ def run_adapt(a) -> int:
     from .adaptation import adapt
 
     r = adapt(a.model, a.images, a.output, labelled=a.labelled, operating_point=a.operating_point,
-              batchnorm=not a.no_batchnorm, label_from_name=a.label_from_name)
+              batchnorm=not a.no_batchnorm, label_from_name=a.label_from_name, trust_modified=a.trust_modified_model)
     before, after = r.shift["before"], r.shift["after"]
     print(f"Site {r.site}: {r.n_images} image(s)" + (f", {r.n_labelled} labelled" if r.n_labelled else ""))
     print(f"BatchNorm statistics re-estimated in {r.batchnorm_layers} layer(s)" if r.batchnorm_layers
           else "BatchNorm statistics kept")
     if "mean_positive_score" in before:
-        print(f"Mean positive score: {before['mean_positive_score']:.3f} -> {after['mean_positive_score']:.3f}")
+        print(f"Mean positive score: {before['mean_positive_score']:.3f} -> {after['mean_positive_score']:.3f} "
+              f"(Kolmogorov-Smirnov distance of the scores {r.shift['ks_distance']:.3f})")
     if "flagged_at_parent_threshold" in before:
         print(f"Flagged at the parent's threshold: {before['flagged_at_parent_threshold']:.1%} -> "
               f"{after['flagged_at_parent_threshold']:.1%}")
@@ -576,17 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_no_ood_option(p, "do not refuse out-of-distribution images: report every image as accepted")
     add_cv_options(command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings",
                            resumable=True))
-    p = command("adapt", run_adapt, "adapt a model to a new site (hospital): BatchNorm statistics, OOD reference "
-                "and, with labelled films, the site's own operating point")
-    add_model_options(p)
-    p.add_argument("images", metavar="SITE_DIR", help="the new site's images (with --labelled: one subfolder per class)")
-    add_output_option(p, "the adapted model directory", required=True)
-    add_flag(p, "labelled", action="store_true",
-             help="choose the site's own operating point on its labelled films (e.g. 30-100)")
-    add_flag(p, "operating_point", default="who", type=v.operating_point, metavar="RULE",
-             help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on the site's labelled films")
-    add_flag(p, "no_batchnorm", action="store_true", help="keep the network's BatchNorm statistics")
-    add_label_from_name_option(p)
+    add_adapt_options(command("adapt", run_adapt, "adapt a model to a new site (hospital): BatchNorm statistics, "
+                              "OOD reference and, with labelled films, the site's own operating point"))
     p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")
     add_model_options(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
@@ -611,7 +603,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
     add_label_from_name_option(p)
     add_output_option(p, "site_shift.json (the rows as JSON)")
-    p = command("serve", run_serve, "a local web page and REST API")
+    add_serve_options(command("serve", run_serve, "a local web page and REST API"))
+    return parser
+
+
+def add_adapt_options(p) -> None:
+    add_model_options(p)
+    p.add_argument("images", metavar="SITE_DIR", help="the new site's images (with --labelled: one subfolder per class)")
+    add_output_option(p, "the adapted model directory", required=True)
+    add_flag(p, "labelled", action="store_true",
+             help="choose the site's own operating point on its labelled films (e.g. 30-100)")
+    add_flag(p, "operating_point", default="who", type=v.operating_point, metavar="RULE",
+             help="who | youden | sensitivity=0.90 | specificity=0.70, chosen on the site's labelled films")
+    add_flag(p, "no_batchnorm", action="store_true", help="keep the network's BatchNorm statistics")
+    add_label_from_name_option(p)
+
+
+def add_serve_options(p) -> None:
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only unless changed)")
     p.add_argument("--port", type=v.port, default=8000, help="1 to 65535")
@@ -627,8 +635,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode memory of all images in flight together (default 2048)")
     add_flag(p, "request_timeout", type=float, metavar="SECONDS",
                    help="time allowed for a request body to arrive (default 60)")
-    return parser
-
 
 def add_cv_options(p) -> None:
     t = TrainOptions()  # cv shares train's defaults, but for its folds and its positive class

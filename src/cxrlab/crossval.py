@@ -7,7 +7,6 @@ is a stratified fifth of the remaining groups. Frozen embeddings are computed on
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

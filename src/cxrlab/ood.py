@@ -119,11 +119,8 @@ def _robust(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return center, spread
 
 
-def fit_gate(backbone, X_train: np.ndarray, X_val: np.ndarray | None = None, *, n_components: int = 32,
-             reject_rate: float = 0.01, margin: float = 1.5) -> OODGate:
-    """Fit the gate on training embeddings; set its threshold on the validation embeddings."""
-    X = np.asarray(X_train, np.float64)
-    k = int(min(n_components, len(X) - 1, X.shape[1]))
+def _subspace(X: np.ndarray, k: int, reject_rate: float) -> OODGate:
+    """The gate's PCA subspace of ``X`` (k axes); centres, spreads and threshold still to be set."""
     # Only the top k axes are needed: ARPACK finds them (exactly, from a seeded start) several times faster
     # than a full SVD of the ~1700 x 1280 gate data; it needs k below both dimensions, a full SVD does not.
     # PCA (scikit-learn >= 1.5) makes each axis's largest entry positive, so the saved axes never flip sign.
@@ -134,9 +131,35 @@ def fit_gate(backbone, X_train: np.ndarray, X_val: np.ndarray | None = None, *, 
     solver = "arpack" if k < min(X.shape) else "full"
     with threadpool_limits(limits=1, user_api="blas"):
         pca = PCA(n_components=k, svd_solver=solver, random_state=0).fit(X)
-    mean, components = pca.mean_, pca.components_
     scales = np.sqrt(np.clip(pca.explained_variance_, 0, None)) + 1e-9
-    gate = OODGate(mean, components, scales, np.zeros(2), np.ones(2), np.inf, reject_rate)
+    return OODGate(pca.mean_, pca.components_, scales, np.zeros(2), np.ones(2), np.inf, reject_rate)
+
+
+def fit_gate_cross(X: np.ndarray, *, folds: int = 4, reject_rate: float = 0.01, margin: float = 1.5,
+                   seed: int = 0) -> OODGate:
+    """The gate for a few dozen images (a new site's, in ``cxrlab adapt``). Each image's signals come from a
+    subspace fitted without it (``folds``-fold cross-fitting), and the centres, spreads and threshold are set on
+    those: a subspace fitted on few images explains them almost exactly, so in-sample signals would make the
+    site's other films look far away (measured: 15 % of a site's remaining films refused, 50 fitted)."""
+    X = np.asarray(X, np.float64)
+    k = int(max(2, min(32, len(X) // 5, X.shape[1] - 1)))
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    signals = np.zeros((len(X), 2))
+    for f in range(folds):
+        signals[fold == f] = _subspace(X[fold != f], k, reject_rate).raw_signals(X[fold == f])
+    gate = _subspace(X, k, reject_rate)
+    gate.centers, gate.spreads = _robust(signals)
+    z = ((signals - gate.centers) / gate.spreads).max(axis=1)
+    gate.threshold = round(float(np.quantile(z, 1 - reject_rate)) + margin, 4)
+    return gate
+
+
+def fit_gate(backbone, X_train: np.ndarray, X_val: np.ndarray | None = None, *, n_components: int = 32,
+             reject_rate: float = 0.01, margin: float = 1.5) -> OODGate:
+    """Fit the gate on training embeddings; set its threshold on the validation embeddings."""
+    X = np.asarray(X_train, np.float64)
+    k = int(min(n_components, len(X) - 1, X.shape[1]))
+    gate = _subspace(X, k, reject_rate)
     gate.centers, gate.spreads = _robust(gate.raw_signals(X))
     reference = X_val if X_val is not None and len(X_val) >= 20 else X
     scores = gate.score_embeddings(reference)

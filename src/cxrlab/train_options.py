@@ -56,7 +56,7 @@ class TrainOptions:
     on_step: Callable[[StepInfo], None] | None = None
     progress: Progress | None = None
     fine_tune: bool | None = None  # None: the default recipe, see recipe()
-    epochs: int = 8
+    epochs: int = 6  # see FineTuneOptions.epochs
     fine_tune_options: FineTuneOptions | None = None  # None: FineTuneOptions(epochs=epochs)
     on_epoch: Callable[[dict], None] | None = None
     summaries_dir: str | os.PathLike | None = None

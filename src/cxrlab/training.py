@@ -22,7 +22,7 @@ from .embed import Embedder, SkippedFile
 from .errors import DataError
 from .fit import Fit, Splits, fit_linear
 from .graph import fuse_head
-from .head import HeadOptions, StepInfo
+from .head import StepInfo
 from .metrics import test_report
 from .modeldir import model_info, save_model
 from .outputs import RUN_FILES, OutputError, check_not_input, check_output_dir, claim, folder_classes

@@ -147,21 +147,13 @@ def augment_batch(x, size: int, cfg: AugmentConfig, gen):
         x = x + (u() * cfg.sharpen).view(view) * (x - blurred)
     x = x.clamp(0.0, 1.0)
     if cfg.film_curve:
-        pick = (torch.rand(n, generator=gen) < cfg.film_curve).view(view)
-        k = (4.0 + 8.0 * torch.rand(n, generator=gen)).view(view)
-        med = x.flatten(1).median(dim=1).values.view(view)
-        s = torch.sigmoid(k * (x - med))
-        lo, hi = s.amin(dim=(1, 2, 3), keepdim=True), s.amax(dim=(1, 2, 3), keepdim=True)
-        x = torch.where(pick, (s - lo) / (hi - lo).clamp(min=1e-6), x)
+        x = _film_curve(x, cfg.film_curve, gen)
     if cfg.lowres:
         pick = torch.rand(n, generator=gen) < cfg.lowres
         sides = torch.randint(64, 161, (n,), generator=gen)
-        if bool(pick.any()):
-            x = x.clone()
-            for i in torch.nonzero(pick).flatten().tolist():
-                small = F.interpolate(x[i : i + 1], size=(int(sides[i]),) * 2, mode="bilinear", antialias=True,
-                                      align_corners=False)
-                x[i : i + 1] = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+        x = _each(x, pick, lambda i, xi: F.interpolate(
+            F.interpolate(xi, size=(int(sides[i]),) * 2, mode="bilinear", antialias=True, align_corners=False),
+            size=(size, size), mode="bilinear", align_corners=False))
     if cfg.noise:
         x = (x + torch.randn(x.shape, generator=gen) * (u(0.0, 1.0) * cfg.noise).view(view)).clamp(0.0, 1.0)
     if cfg.invert:
@@ -170,11 +162,29 @@ def augment_batch(x, size: int, cfg: AugmentConfig, gen):
     if cfg.jpeg:
         pick = torch.rand(n, generator=gen) < cfg.jpeg
         quality = torch.randint(20, 91, (n,), generator=gen)
-        if bool(pick.any()):
-            x = x.clone()
-            for i in torch.nonzero(pick).flatten().tolist():
-                x[i, 0] = torch.from_numpy(jpeg_recompress(x[i, 0].numpy(), int(quality[i])))
+        x = _each(x, pick, lambda i, xi: torch.from_numpy(jpeg_recompress(xi[0, 0].numpy(), int(quality[i])))[None, None])
     return x
+
+
+def _each(x, pick, change):
+    """``x`` with ``change(i, x[i:i+1])`` applied to each picked image (one by one: each has its own parameter)."""
+    if not bool(pick.any()):
+        return x
+    x = x.clone()
+    for i in torch_module().nonzero(pick).flatten().tolist():
+        x[i : i + 1] = change(i, x[i : i + 1])
+    return x
+
+
+def _film_curve(x, probability: float, gen):
+    """A film-like S-curve of random steepness around each picked image's median, renormalised to [0, 1]."""
+    torch = torch_module()
+    n, view = x.shape[0], (x.shape[0], 1, 1, 1)
+    pick = (torch.rand(n, generator=gen) < probability).view(view)
+    k = (4.0 + 8.0 * torch.rand(n, generator=gen)).view(view)
+    s = torch.sigmoid(k * (x - x.flatten(1).median(dim=1).values.view(view)))
+    lo, hi = s.amin(dim=(1, 2, 3), keepdim=True), s.amax(dim=(1, 2, 3), keepdim=True)
+    return torch.where(pick, (s - lo) / (hi - lo).clamp(min=1e-6), x)
 
 
 def to_tensor(X):
