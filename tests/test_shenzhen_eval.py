@@ -56,6 +56,6 @@ def test_cv_five_folds(shenzhen_dir, shenzhen_run):
     from cxrlab.crossval import cross_validate
 
     _, bn = shenzhen_run
-    r = cross_validate(shenzhen_dir, folds=5, bottleneck_dir=bn)
+    r = cross_validate(shenzhen_dir, folds=5, bottleneck_dir=bn, fine_tune=False)  # the cached-embedding path
     assert len(r["folds"]) == 5 and sum(f["n"] for f in r["folds"]) == 662
     assert 0.8 < r["summary"]["auc"]["mean"] < 1 and r["summary"]["auc"]["sd"] > 0

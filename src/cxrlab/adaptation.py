@@ -20,7 +20,7 @@ import numpy as np
 from .errors import DataError, ImageError
 from .modeldir import MODEL_FILE, ModelFiles, load_model_files, save_model
 
-MIN_SITE_IMAGES = 40  # fewer: BatchNorm statistics and the OOD reference would be guesses
+MIN_SITE_IMAGES = 30  # fewer: BatchNorm statistics and the OOD reference would be guesses
 SMALL_SAMPLE = 50  # per class: below it the site's sensitivity/specificity carry wide intervals
 
 
@@ -47,7 +47,7 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     model : str or os.PathLike
         A model directory written by :func:`cxrlab.train` (or by ``adapt``).
     images : str or os.PathLike
-        The site's images (at least 40), walked recursively. With ``labelled``, laid out as for training
+        The site's images (at least 30), walked recursively. With ``labelled``, laid out as for training
         (one subfolder per class, or ``label_from_name``).
     output : str or os.PathLike
         The new model directory; never the parent model nor inside ``images``.

@@ -137,10 +137,10 @@ def _subspace(X: np.ndarray, k: int, reject_rate: float) -> OODGate:
 
 def fit_gate_cross(X: np.ndarray, *, folds: int = 4, reject_rate: float = 0.01, margin: float = 1.5,
                    seed: int = 0) -> OODGate:
-    """The gate for a few dozen images (a new site's, in ``cxrlab adapt``). Each image's signals come from a
-    subspace fitted without it (``folds``-fold cross-fitting), and the centres, spreads and threshold are set on
-    those: a subspace fitted on few images explains them almost exactly, so in-sample signals would make the
-    site's other films look far away (measured: 15 % of a site's remaining films refused, 50 fitted)."""
+    """The gate for a few dozen images (a new site's, in ``cxrlab adapt``). Each image's signals also come from a
+    subspace fitted without it (``folds``-fold cross-fitting): a subspace fitted on few images explains them
+    almost exactly, so in-sample signals alone make the site's other films look far away (measured: 15 % of a
+    site's remaining films refused, 50 fitted)."""
     X = np.asarray(X, np.float64)
     k = int(max(2, min(32, len(X) // 5, X.shape[1] - 1)))
     fold = np.random.default_rng(seed).permutation(len(X)) % folds
@@ -148,8 +148,11 @@ def fit_gate_cross(X: np.ndarray, *, folds: int = 4, reject_rate: float = 0.01, 
     for f in range(folds):
         signals[fold == f] = _subspace(X[fold != f], k, reject_rate).raw_signals(X[fold == f])
     gate = _subspace(X, k, reject_rate)
-    gate.centers, gate.spreads = _robust(signals)
-    z = ((signals - gate.centers) / gate.spreads).max(axis=1)
+    # The site's own images (in the subspace: larger Mahalanobis, smaller residual) and its unseen ones (out of
+    # it: the reverse) must both pass, so the centres, spreads and threshold are set on the two pooled.
+    pooled = np.concatenate([signals, gate.raw_signals(X)])
+    gate.centers, gate.spreads = _robust(pooled)
+    z = ((pooled - gate.centers) / gate.spreads).max(axis=1)
     gate.threshold = round(float(np.quantile(z, 1 - reject_rate)) + margin, 4)
     return gate
 
