@@ -82,8 +82,10 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
         raise DataError(f"{images}: {len(site.arrays)} usable image(s); adapting needs at least {MIN_SITE_IMAGES}")
     before = _Candidate(parent).score(site)
     files, layers, notes = _adapted_network(parent, site, batchnorm)
-    files = _refit_gate(files, _Candidate(files).score(site), seed) if parent.info.get("ood") else files
     after = _Candidate(files).score(site)
+    if parent.info.get("ood"):  # the refit changes only the refusals: the network's outputs are reused
+        files = _refit_gate(files, after, seed)
+        after = {**after, "refused": _Candidate(files).refused(after["embedding"], site)}
     op, op_notes = (None, []) if not labelled else _site_operating_point(files, site, after, labels_of,
                                                                          operating_point)
     shift = _shift(parent, before, after)
@@ -147,6 +149,12 @@ class _Candidate:
 
         self.files = files
         self.model = Model.from_files(files)
+
+    def refused(self, embeddings: np.ndarray, site: _Site) -> np.ndarray:
+        """The OOD verdict on embeddings already computed (by this same network)."""
+        gate = self.model.ood_gate
+        out = {"embedding": embeddings}
+        return np.array([gate.score_one(out, j, site.decoded[j]) > gate.threshold for j in range(len(embeddings))])
 
     def score(self, site: _Site, batch: int = 16) -> dict:
         probs, emb, refused = [], [], []
