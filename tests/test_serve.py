@@ -277,10 +277,15 @@ def test_heatmap_query_parameter(model, monkeypatch):
     assert c.post("/api/predict?heatmap=maybe", files=[("files", png)]).status_code == 422
 
 
-def test_ood_verdict(model):
-    pred = Prediction("x", {"abnormal": 0.9, "normal": 0.1}, None, 0.9, 0.5, True, 8.31, 3.1)
+def test_refused_and_shift_verdicts(model):
+    # issue 16: a refused picture answers "unknown (not a chest X-ray: why)"; a film unlike the training
+    # images is scored, with a warning
+    pred = Prediction("x", {}, None, None, 0.5, True, 0.97, 0.5, "a colour picture (colourfulness 0.30)")
+    assert serve_mod.verdict(model, pred) == "unknown (not a chest X-ray: a colour picture (colourfulness 0.30))"
+    pred = Prediction("x", {"abnormal": 0.9, "normal": 0.1}, "abnormal", 0.9, 0.5, False, 0.02, 0.5, None,
+                      True, 8.31, 3.1)
     assert serve_mod.verdict(model, pred) == \
-        "rejected: not a chest X-ray like the training images (ood score 8.3 > 3.1)"
+        "above threshold 0.5 -> abnormal; warning: unlike the training images (shift score 8.3 > 3.1)"
 
 
 def test_model_card(client):

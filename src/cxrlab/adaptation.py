@@ -1,8 +1,8 @@
 """Adapt: a trained model -> a model for a new site (hospital), written as a new model directory.
 
-Without labels: the fine-tuned network's BatchNorm statistics are re-estimated on the site's images (AdaBN), the
-out-of-distribution reference is refitted on them so that the site's real X-rays are not refused, and the shift of
-the site's scores is reported. With labels (a few dozen local films in class folders): the site's own operating
+Without labels: pictures the chest X-ray check refuses are set aside; the fine-tuned network's BatchNorm statistics
+are re-estimated on the site's films (AdaBN), the shift reference is refitted on them so that the site's films are
+not warned as unlike the training images, and the shift of the site's scores is reported. With labels (a few dozen local films in class folders): the site's own operating
 point is chosen on them, with confidence intervals, as WHO asks programmes to calibrate CAD thresholds locally.
 The new directory records its parent (hashes), the site, the image counts and the date.
 """
@@ -20,7 +20,7 @@ import numpy as np
 from .errors import DataError, ImageError
 from .modeldir import MODEL_FILE, ModelFiles, load_model_files, save_model
 
-MIN_SITE_IMAGES = 30  # fewer: BatchNorm statistics and the OOD reference would be guesses
+MIN_SITE_IMAGES = 30  # fewer: BatchNorm statistics and the shift reference would be guesses
 SMALL_SAMPLE = 50  # per class: below it the site's sensitivity/specificity carry wide intervals
 
 
@@ -61,7 +61,7 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     label_from_name : str or None
         With ``labelled``: take the label from the file name (``"nlm"`` or a regex with ``(?P<label>...)``).
     seed : int
-        Seed of the cross-fitting folds of the site's images for the OOD reference.
+        Seed of the cross-fitting folds of the site's images for the shift reference.
     trust_modified : bool
         Adapt a parent whose files differ from their SHA-256 record (with a warning); the new model records
         the parent's hashes as found.
@@ -78,17 +78,20 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     parent = load_model_files(model, trust_modified=trust_modified)
     paths, labels_of = _site_images(images, parent, labelled, label_from_name)
     site = _Site.load(paths, int(parent.info["backbone"]["input_size"]))
+    n_read = len(site.arrays)
+    site = site.chest_films(_Candidate(parent).model)  # what is not a chest X-ray is no part of the site
+    refused = (n_read - len(site.arrays)) / n_read if n_read else 0.0
     if len(site.arrays) < MIN_SITE_IMAGES:
         raise DataError(f"{images}: {len(site.arrays)} usable image(s); adapting needs at least {MIN_SITE_IMAGES}")
     before = _Candidate(parent).score(site)
     files, layers, notes = _adapted_network(parent, site, batchnorm)
     after = _Candidate(files).score(site)
-    if parent.info.get("ood"):  # the refit changes only the refusals: the network's outputs are reused
+    if parent.info.get("ood"):  # the refit changes only the shift warnings: the network's outputs are reused
         files = _refit_gate(files, after, seed)
-        after = {**after, "refused": _Candidate(files).refused(after["embedding"], site)}
+        after = {**after, "shift_warned": _Candidate(files).shift_warned(after["embedding"])}
     op, op_notes = (None, []) if not labelled else _site_operating_point(files, site, after, labels_of,
                                                                          operating_point)
-    shift = _shift(parent, before, after)
+    shift = _shift(parent, before, after, refused)
     files.info["adapted"] = _provenance(model, parent, images, site, labels_of, layers, shift, op)
     if op is not None:
         files.info["operating_point"] = op
@@ -117,7 +120,7 @@ def _site_images(images: Path, parent: ModelFiles, labelled: bool, label_from_na
 
 @dataclass
 class _Site:
-    """The site's images, decoded once: the network's (size, size) inputs and what the OOD gate reads."""
+    """The site's images, decoded once: the network's (size, size) inputs and what the chest check reads."""
 
     paths: list[str]
     arrays: list[np.ndarray]
@@ -140,6 +143,15 @@ class _Site:
             decoded.append(img)
         return cls(kept, arrays, decoded, skipped)
 
+    def chest_films(self, model) -> "_Site":
+        """The images the model's chest check accepts; the others join ``skipped`` with the reason."""
+        verdicts = model.chest_verdicts(self.arrays, self.decoded)
+        keep = [i for i, v in enumerate(verdicts) if v is None or v.chest]
+        skipped = self.skipped + [(self.paths[i], f"not a chest X-ray: {v.reason}")
+                                  for i, v in enumerate(verdicts) if v is not None and not v.chest]
+        return _Site([self.paths[i] for i in keep], [self.arrays[i] for i in keep], [self.decoded[i] for i in keep],
+                     skipped)
+
 
 class _Candidate:
     """A model held in memory (not yet written) and its outputs on the site's images."""
@@ -150,24 +162,21 @@ class _Candidate:
         self.files = files
         self.model = Model.from_files(files)
 
-    def refused(self, embeddings: np.ndarray, site: _Site) -> np.ndarray:
-        """The OOD verdict on embeddings already computed (by this same network)."""
+    def shift_warned(self, embeddings: np.ndarray) -> np.ndarray:
+        """The shift warning on embeddings already computed (by this same network)."""
         gate = self.model.ood_gate
-        out = {"embedding": embeddings}
-        return np.array([gate.score_one(out, j, site.decoded[j]) > gate.threshold for j in range(len(embeddings))])
+        if gate is None:
+            return np.zeros(len(embeddings), bool)
+        return gate.score_embeddings(embeddings) > gate.threshold
 
     def score(self, site: _Site, batch: int = 16) -> dict:
-        probs, emb, refused = [], [], []
-        gate = self.model.ood_gate
+        probs, emb = [], []
         for i in range(0, len(site.arrays), batch):
             out = self.model.run(np.stack(site.arrays[i : i + batch]), ("probabilities", "embedding"))
             probs.append(out["probabilities"])
             emb.append(out["embedding"])
-            if gate is not None:
-                refused += [gate.score_one(out, j, site.decoded[i + j]) > gate.threshold
-                            for j in range(len(out["embedding"]))]
-        return {"probs": np.concatenate(probs), "embedding": np.concatenate(emb),
-                "refused": np.array(refused if gate is not None else [False] * len(site.arrays))}
+        embedding = np.concatenate(emb)
+        return {"probs": np.concatenate(probs), "embedding": embedding, "shift_warned": self.shift_warned(embedding)}
 
 
 def _adapted_network(parent: ModelFiles, site: _Site, batchnorm: bool) -> tuple[ModelFiles, int, list[str]]:
@@ -183,7 +192,7 @@ def _adapted_network(parent: ModelFiles, site: _Site, batchnorm: bool) -> tuple[
     if name != NETWORK_FILE:
         return ModelFiles(info, parent.labels, parent.onnx_bytes, arrays), 0, [
             "BatchNorm statistics were not re-estimated: only a fine-tuned model (the default recipe, not "
-            "--head-only) carries its network; the OOD reference and operating point were still adapted"]
+            "--head-only) carries its network; the shift reference and operating point were still adapted"]
     from .finetune.network import export_network, network_arrays, rebuild_network, reestimate_batchnorm
     from .graph import fuse_head
 
@@ -199,7 +208,7 @@ def _adapted_network(parent: ModelFiles, site: _Site, batchnorm: bool) -> tuple[
 
 
 def _refit_gate(files: ModelFiles, scored: dict, seed: int) -> ModelFiles:
-    """The OOD reference refitted on the site's images (embeddings of the adapted network), cross-fitted so
+    """The shift reference refitted on the site's images (embeddings of the adapted network), cross-fitted so
     that the site's films it did not see are judged like the ones it did."""
     from .ood import fit_gate_cross
 
@@ -237,13 +246,14 @@ def _site_operating_point(files: ModelFiles, site: _Site, after: dict, labels_of
     return info, notes
 
 
-def _shift(parent: ModelFiles, before: dict, after: dict) -> dict:
-    """How far the site's scores moved: mean positive score, share flagged at the threshold, share refused."""
+def _shift(parent: ModelFiles, before: dict, after: dict, refused: float) -> dict:
+    """How far the site's scores moved: mean positive score, share flagged at the threshold, share warned as
+    unlike the training images; and the share refused as not chest X-rays (the same before and after)."""
     op = parent.info.get("operating_point") or {}
     pos = parent.labels.index(parent.info["positive_label"]) if parent.info.get("positive_label") else None
 
     def summary(scored: dict) -> dict:
-        out = {"refused": float(scored["refused"].mean())}
+        out = {"refused": refused, "shift_warned": float(scored["shift_warned"].mean())}
         if pos is not None:
             s = scored["probs"][:, pos]
             out["mean_positive_score"] = float(s.mean())

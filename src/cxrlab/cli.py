@@ -129,7 +129,7 @@ def add_fine_tune_options(p, what: str) -> None:
                "augment.gamma=0.3 (see cxrlab.finetune.FineTuneOptions); repeat for several")
 
 
-def add_no_ood_option(p, help_: str = "do not refuse out-of-distribution images: score every image") -> None:
+def add_no_ood_option(p, help_: str = "score every image: no chest X-ray check, no shift warning") -> None:
     add_flag(p, "no_ood", action="store_true", help=help_)
 
 
@@ -172,7 +172,7 @@ def add_train_options(p) -> None:
     for kind in ("crop", "scale", "brightness"):
         add_flag(p, f"random_{kind}", type=v.percentage_0_100, default=getattr(t, f"random_{kind}"), metavar="PCT",
               help=f"random {kind} augmentation, percent, 0 to 100")
-    add_no_ood_option(p, "do not fit the out-of-distribution gate")
+    add_no_ood_option(p, "save no chest X-ray check and no shift reference: the model scores every image")
     add_flag(p, "no_report", action="store_true", help="do not write report.html")
     add_flag(p, "summaries_dir", metavar="DIR", help="also write TensorBoard scalars into this folder (needs tensorboard)")
     add_precision_option(p, t.precision)
@@ -297,12 +297,18 @@ def render_prediction_text(p, top_k: int | None = None, header: bool = False) ->
     if p.error:
         return lines + [f"error: {p.error}" if header else f"error: {p.path}: {p.error}"]
     if p.ood:
-        lines.append(f"unknown (not a chest X-ray like the training images: ood score {p.ood_score:.1f} > {p.ood_threshold:.1f})")
+        return lines + [f"unknown (not a chest X-ray: {p.ood_reason})"]
     for label, score in p.ranked()[:top_k]:
         lines.append(f"{label} (score = {score:.5f})")
-    if p.threshold is not None and not p.ood:
+    if p.threshold is not None:
         lines.append(f"decision: {p.label} (P = {p.positive_score:.3f}, threshold {p.threshold:.3f})")
+    if p.shift:
+        lines.append(shift_warning(p))
     return lines
+
+
+def shift_warning(p) -> str:
+    return f"warning: unlike the training images (shift score {p.shift_score:.1f} > {p.shift_threshold:.1f})"
 
 
 def _stderr_is_terminal() -> bool:
@@ -334,6 +340,10 @@ def predict_with_progress(model, paths, *, ood: bool = True, chunk: int = 64) ->
     return preds
 
 
+def _cell(value) -> str:
+    return "" if value is None else str(value)
+
+
 def load_model_arg(a):
     """The --model of a command, with its --trust-modified-model choice."""
     from .predict import load_model
@@ -353,10 +363,12 @@ def run_predict(a) -> int:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
     elif a.format == "csv":
         w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(["path", "label", *[f"score_{lab}" for lab in model.labels], "threshold", "ood", "ood_score", "error"])
+        w.writerow(["path", "label", *[f"score_{lab}" for lab in model.labels], "threshold", "ood", "ood_score",
+                    "ood_reason", "shift", "shift_score", "error"])
         for p in preds:
             w.writerow([p.path, p.label or "", *[p.scores.get(lab, "") for lab in model.labels],
-                        p.threshold if p.threshold is not None else "", p.ood, p.ood_score, p.error or ""])
+                        p.threshold if p.threshold is not None else "", *[_cell(v) for v in (
+                            p.ood, p.ood_score, p.ood_reason, p.shift, p.shift_score, p.error)]])
     else:
         for p in preds:
             print("\n".join(render_prediction_text(p, a.top_k, header=len(preds) > 1)))
@@ -375,17 +387,22 @@ def run_evaluate(a) -> int:
     r = evaluate(load_model_arg(a), a.data, label_from_name=a.label_from_name, output=a.output, ood=not a.no_ood,
                  progress=TqdmProgress())
     m = r.metrics
-    print(f"Images: {m['n_images']} scored, {m['n_rejected']} rejected as out-of-distribution, {m['n_skipped']} unreadable")
-    rows = [("all images", m["all"]), ("accepted only", m.get("accepted")), ("internal test", m.get("internal_test"))]
+    print(f"Images: {m['n_images']} read, {m['n_rejected']} refused as not a chest X-ray, {m['n_shift']} warned as "
+          f"unlike the training images, {m['n_skipped']} unreadable")
+    rows = [("all images", m.get("all")), ("accepted only", m.get("accepted")),
+            ("no shift warning", m.get("in_distribution")), ("internal test", m.get("internal_test"))]
     print(f"{'':16} {'AUC':>6} {'sens':>6} {'spec':>6} {'acc':>6}")
     for name, rep in rows:
         if rep:
             vals = [rep.get(k) for k in ("auc", "sensitivity", "specificity", "accuracy")]
             print(f"{name:16} " + " ".join(f"{v:6.3f}" if isinstance(v, float) else f"{'-':>6}" for v in vals))
-    if "who_verdict" in m["all"]:
+    if m.get("n_rejected") and m.get("all"):
+        print("(all images: a refused image counts as not flagged)")
+    if "who_verdict" in (m.get("all") or {}):
         print(m["all"]["who_verdict"])
-    if m.get("accepted_note"):
-        print(f"note: {m['accepted_note']}", file=sys.stderr)
+    for key in ("all_note", "accepted_note", "in_distribution_note"):
+        if m.get(key):
+            print(f"note: {m[key]}", file=sys.stderr)
     if r.skipped:
         print(f"Skipped {len(r.skipped)} unreadable file(s):", file=sys.stderr)
         for path, reason in r.skipped:
@@ -435,7 +452,9 @@ def run_adapt(a) -> int:
     if "flagged_at_parent_threshold" in before:
         print(f"Flagged at the parent's threshold: {before['flagged_at_parent_threshold']:.1%} -> "
               f"{after['flagged_at_parent_threshold']:.1%}")
-    print(f"Refused as unlike the training images: {before['refused']:.1%} -> {after['refused']:.1%}")
+    print(f"Refused as not a chest X-ray: {before['refused']:.1%}")
+    if "shift_warned" in before:
+        print(f"Warned as unlike the training images: {before['shift_warned']:.1%} -> {after['shift_warned']:.1%}")
     op = r.operating_point
     if op:
         (slo, shi), (plo, phi) = op["sensitivity_ci"], op["specificity_ci"]
@@ -452,14 +471,26 @@ def run_adapt(a) -> int:
 
 def run_ood_check(a) -> int:
     model = load_model_arg(a)
-    if model.ood_gate is None:
-        raise CxrlabError(f"{a.model}: this model has no out-of-distribution gate (trained with --no-ood)")
+    if model.chest_check is None and model.ood_gate is None:
+        raise CxrlabError(f"{a.model}: this model has neither the chest X-ray check nor a shift reference "
+                          "(trained with --no-ood)")
     preds = predict_with_progress(model, a.paths)
     for p in preds:
-        verdict = "error: " + p.error if p.error else ("REJECT" if p.ood else "accept")
-        score = "" if p.error else f"{p.ood_score:8.2f} (threshold {p.ood_threshold:.2f})  "
-        print(f"{score}{verdict}  {p.path}")
+        print(f"{ood_check_line(p)}  {p.path}")
     return 1 if any(p.error or p.ood for p in preds) else 0
+
+
+def ood_check_line(p) -> str:
+    """Both answers: is it a frontal chest X-ray (accept / REJECT), and is it like the training images."""
+    if p.error:
+        return f"error: {p.error}"
+    if p.ood:
+        return f"REJECT  not a chest X-ray: {p.ood_reason}"
+    chest = f"chest score {1 - p.ood_score:.2f}" if p.ood_score is not None else "chest check off"
+    if p.shift_score is None:
+        return f"accept  {chest}"
+    like = "unlike the training images" if p.shift else "like the training images"
+    return f"accept  {chest}  shift score {p.shift_score:.1f} ({like}; warning above {p.shift_threshold:.1f})"
 
 
 def run_datasets(a) -> int:
@@ -574,12 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
     add_label_from_name_option(p)
     add_output_option(p, "metrics.json, predictions.csv and report.html")
-    add_no_ood_option(p, "do not refuse out-of-distribution images: report every image as accepted")
+    add_no_ood_option(p, "score every image as accepted: no chest X-ray check, no shift warning")
     add_cv_options(command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings",
                            resumable=True))
     add_adapt_options(command("adapt", run_adapt, "adapt a model to a new site (hospital): BatchNorm statistics, "
                               "OOD reference and, with labelled films, the site's own operating point"))
-    p = command("ood-check", run_ood_check, "print the out-of-distribution score and verdict per image")
+    p = command("ood-check", run_ood_check, "per image: is it a frontal chest X-ray (else refused), and how unlike "
+                                            "the training images it is (shift score, a warning only)")
     add_model_options(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
     p = command("datasets", run_datasets, "download and lay out the NLM TB chest X-ray sets")

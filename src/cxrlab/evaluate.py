@@ -18,7 +18,7 @@ from .validate import evaluate_arguments
 
 @dataclass
 class EvalResult:
-    metrics: dict  # {'all': report, 'accepted': report or None, 'n_rejected': int, ...}
+    metrics: dict  # {'all': report, 'accepted': report or None, 'in_distribution': ..., 'n_rejected': int, ...}
     predictions: list[Prediction]
     true_labels: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -26,10 +26,14 @@ class EvalResult:
 
 
 def _report(model: Model, y_true: list[str], preds: list[Prediction]) -> dict:
+    """The figures at the operating point. A refused image (no scores) counts as not flagged: for a triage
+    tool a film it would not read is a film it did not flag."""
     from .metrics import binary_report, multiclass_report, who_verdict  # scikit-learn: only when scoring
 
     labels = model.labels
-    P = np.array([[p.scores[lab] for lab in labels] for p in preds])
+    if model.threshold is None and any(p.ood for p in preds):
+        raise DataError("figures on all images need a binary model when some were refused (no scores)")
+    P = np.array([[p.scores.get(lab, 0.0) for lab in labels] for p in preds])
     if model.threshold is not None:
         pos = model.positive_label
         rep = binary_report(np.array([t == pos for t in y_true], int), P[:, labels.index(pos)], model.threshold)
@@ -45,8 +49,10 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
 
     Metrics are taken at the model's stored operating point: for a binary model sensitivity and
     specificity (with confidence intervals), ROC AUC and the WHO triage verdict; for more classes
-    accuracy and per-class figures. ``accepted`` repeats them without the images the
-    out-of-distribution gate rejected.
+    accuracy and per-class figures. ``all`` counts a refused image (not a chest X-ray: no scores) as not
+    flagged; ``accepted`` repeats the figures without the refused images, ``in_distribution`` also without
+    the films warned as unlike the training images (shift score); each is None when it would hold the same
+    images as ``all``.
 
     Parameters
     ----------
@@ -64,15 +70,16 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
         Folder for ``metrics.json``, ``predictions.csv`` and ``report.html``. None: write nothing.
         Refused, before any work, when it lies over, around or inside the data or the model.
     ood : bool
-        Apply the out-of-distribution gate (rejected images count in ``n_rejected``).
+        Apply the chest X-ray check (refused images count in ``n_rejected``) and the shift warning
+        (``n_shift``).
     progress : cxrlab.progress.Progress or None
         Progress reporter (``TqdmProgress`` for a bar); None: silent.
 
     Returns
     -------
     EvalResult
-        ``metrics`` (``all``, ``accepted``, ``n_images``, ``n_skipped``, ``n_rejected``,
-        ``internal_test``), ``predictions`` and ``true_labels`` of the scored images, ``skipped``
+        ``metrics`` (``all``, ``accepted``, ``in_distribution``, ``n_images``, ``n_skipped``,
+        ``n_rejected``, ``n_shift``, ``internal_test``), ``predictions`` and ``true_labels`` of the scored images, ``skipped``
         (path, reason) of unreadable files, and ``output_dir``.
 
     Raises
@@ -129,17 +136,24 @@ def _score(model: Model, data_dir: Path, samples: list[Sample], ood: bool, progr
 
 
 def _metrics(model: Model, truth: list[str], preds: list[Prediction], skipped: list) -> dict:
-    """The figures on all scored images, on those the gate accepted, and the model's internal test figures."""
-    metrics: dict = {"n_images": len(preds), "n_skipped": len(skipped), "all": _report(model, truth, preds)}
-    accepted = [(t, p) for t, p in zip(truth, preds) if not p.ood]
-    metrics["n_rejected"] = len(preds) - len(accepted)
-    try:
-        if not accepted:
-            raise DataError("every image was refused as out-of-distribution: no metrics on accepted images")
-        metrics["accepted"] = _report(model, [t for t, _ in accepted], [p for _, p in accepted]) if metrics["n_rejected"] else None
-    except DataError as exc:
-        metrics["accepted"] = None
-        metrics["accepted_note"] = str(exc)
+    """The figures on all readable images (refused = not flagged), on those the chest check accepted, on those
+    like the training images (no shift warning), and the model's internal test figures."""
+    metrics: dict = {"n_images": len(preds), "n_skipped": len(skipped),
+                     "n_rejected": sum(bool(p.ood) for p in preds), "n_shift": sum(bool(p.shift) for p in preds)}
+    subsets = {"all": lambda p: True, "accepted": lambda p: not p.ood,
+               "in_distribution": lambda p: not p.ood and not p.shift}
+    for name, keep in subsets.items():
+        chosen = [(t, p) for t, p in zip(truth, preds) if keep(p)]
+        if name != "all" and len(chosen) == len(preds):
+            metrics[name] = None  # the same images as "all"
+            continue
+        try:
+            if not chosen:
+                raise DataError(f"no image is left in '{name}': every image was refused or warned")
+            metrics[name] = _report(model, [t for t, _ in chosen], [p for _, p in chosen])
+        except DataError as exc:
+            metrics[name] = None
+            metrics[f"{name}_note"] = str(exc)
     metrics["internal_test"] = model.info.get("metrics", {}).get("test")
     return metrics
 
@@ -149,12 +163,15 @@ def _write_report(out: Path, model: Model, data_dir: Path, result: EvalResult) -
     from .report import write_evaluation
 
     metrics, preds, truth = result.metrics, result.predictions, result.true_labels
-    rows = [{"path": p.path, "true_label": t, "scores": [p.scores[lab] for lab in model.labels],
-             "predicted_label": p.label or "rejected", "correct": p.label == t, "split": "external"}
-            for t, p in zip(truth, preds)]
+    rows = [{"path": p.path, "true_label": t, "scores": [p.scores[lab] for lab in model.labels] if not p.ood else None,
+             "predicted_label": p.label or "refused", "correct": p.label == t, "split": "external",
+             "refused": p.ood_reason if p.ood else None, "shift_score": p.shift_score} for t, p in zip(truth, preds)]
+    subsets = {title: metrics[key] for key, title in (
+        ("all", "all images (refused = not flagged)"), ("accepted", "accepted as chest X-rays"),
+        ("in_distribution", "like the training images (no shift warning)")) if metrics.get(key)}
     write_evaluation(out, title=f"Evaluation of {model.directory} on {data_dir}", rows=rows,
                      labels=model.labels, positive_label=model.positive_label, threshold=model.threshold,
-                     metrics={**metrics["all"], "positive_label": model.positive_label},  # for compare
-                     rejected=[(p.path, p.ood_score) for p in preds if p.ood],
-                     reference_metrics=metrics["internal_test"],
+                     metrics={**(metrics["all"] or {}), "positive_label": model.positive_label},  # for compare
+                     rejected=[(p.path, p.ood_reason) for p in preds if p.ood],
+                     reference_metrics=metrics["internal_test"], subsets=subsets if len(subsets) > 1 else None,
                      notes=[f"{path}: {reason}" for path, reason in result.skipped])

@@ -65,6 +65,8 @@ def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def explain_array(model, array: np.ndarray, pixels: np.ndarray, name: str, decoded=None,
                   *, class_label: str | None = None) -> Heatmap:
     pred = model.predict_arrays([array], [decoded] if decoded is not None else None, names=[name])[0]
+    if pred.ood:  # no scores, so no map of one: the picture is not a chest X-ray
+        raise ImageError(name, f"not a chest X-ray: {pred.ood_reason}")
     label = class_label or pred.label or max(pred.scores, key=pred.scores.get)
     if label not in model.labels:
         raise DataError(f"unknown class {label!r}; the model's classes are {', '.join(model.labels)}")
@@ -77,7 +79,7 @@ def _load(model, data: bytes, name: str):
 
 
 def explain_file(model, path, *, class_label: str | None = None) -> Heatmap:
-    """Heatmap of the model's decision (argmax when rejected as OOD), or of ``class_label``."""
+    """Heatmap of the model's decision, or of ``class_label``; ImageError for a picture the chest check refuses."""
     array, img = _load(model, read_file(path), str(path))
     return explain_array(model, array, img.pixels, str(path), img, class_label=class_label)
 
@@ -139,12 +141,15 @@ def prediction_overlay_png(model, array: np.ndarray, pixels: np.ndarray, pred, *
 
 
 def heatmap_png(model, data: bytes, name: str, *, max_side: int = 512) -> bytes | None:
-    """Decode uploaded bytes, predict, and return the overlay PNG of the decision (None if unreadable)."""
+    """Decode uploaded bytes, predict, and return the overlay PNG of the decision (None if unreadable or
+    refused as not a chest X-ray)."""
     try:
         array, img = _load(model, data, name)
     except ImageError:
         return None
     pred = model.predict_arrays([array], [img], names=[name])[0]
+    if pred.ood:
+        return None
     return prediction_overlay_png(model, array, img.pixels, pred, max_side=max_side)
 
 
@@ -196,11 +201,11 @@ def explain_paths(model, paths, output_dir: str | os.PathLike, *,
     for path, stem in zip(files, stems):
         try:
             array, img = _load(model, read_file(path), path)
-        except ImageError as exc:
+            hm = explain_array(model, array, img.pixels, path, img)
+        except ImageError as exc:  # unreadable, or refused as not a chest X-ray
             if skipped is not None:
                 skipped.append((path, exc.reason))
             continue
-        hm = explain_array(model, array, img.pixels, path, img)
         atomic_write_bytes(out / f"{stem}.png", overlay_png(hm, img.pixels))
         buf = io.BytesIO()
         np.save(buf, hm.cam, allow_pickle=False)

@@ -189,6 +189,14 @@ OOD = {
     "color_limit": Field(number(0.0)),
     "method": Field(text()),
 }
+CHEST_CHECK = {
+    "threshold": Field(UNIT, required=True),
+    "asset_sha256": Field(text()),
+    "color_limit": Field(number(0.0)),
+    "flat_limit": Field(number(0.0)),
+    "training_accepted": Field(UNIT),
+    "network": Field(flag),
+}
 METRICS = {"test": Field(ANY_OBJECT, nullable=True), "n": Field(ANY_OBJECT)}
 
 INFO = {
@@ -199,6 +207,7 @@ INFO = {
     "operating_point": Field(mapping(OPERATING_POINT), nullable=True),
     "calibration": Field(mapping(CALIBRATION), nullable=True),
     "ood": Field(mapping(OOD), nullable=True),
+    "chest_check": Field(mapping(CHEST_CHECK), nullable=True),
     "task": Field(text(("classification",))),
     "created_by": Field(text()),
     "seed": Field(integer(0)),

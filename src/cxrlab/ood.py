@@ -1,12 +1,14 @@
-"""OOD gate: refuse images unlike the training X-rays (the tutorial's cow), fitted during train.
+"""Shift score: how unlike this model's training images a chest film is. Reported, never a refusal (whether a
+picture is a chest film at all is ``cxrlab.chest``'s question): the film is scored and its answer carries
+``warning: unlike the training images (shift score ...)``.
 
-Signals, each turned into a robust z-score against the training images:
+Two signals, each turned into a robust z-score against films the model has not fitted:
 - Mahalanobis distance of the embedding in a PCA-whitened subspace of the training embeddings;
-- the residual norm outside that subspace (what the subspace cannot explain);
-- image statistics: chest X-rays are grayscale and never uniform, so a colourful or blank
-  image is refused outright.
-The score is the largest z; the threshold is set on the validation split so that at most
-``reject_rate`` of genuine images would be refused (with a safety margin).
+- the residual norm outside that subspace (what the subspace cannot explain).
+The score is the larger z. Centres, spreads and the warning threshold come from the validation split: a
+fine-tuned network has fitted its training images, so their embeddings sit tighter than any new film's
+(measured: centres from them flagged 2.9 % of the model's own test films, 5.9 % after resolution loss).
+The threshold is set so that about ``reject_rate`` of the validation films would be flagged, plus a margin.
 """
 
 from __future__ import annotations
@@ -17,14 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import DecodedImage
 from .errors import ModelDirError
 
 ARRAY_FILE = "ood.safetensors"
 ARRAY_NAMES = ("mean", "components", "scales", "centers", "spreads")
-COLOR_LIMIT = 0.06  # mean channel difference on [0, 1]; gray X-rays saved as RGB sit near 0
-FLAT_LIMIT = 0.02  # pixel standard deviation of a blank or nearly uniform image
-COLOR_PENALTY = 100.0
+MIN_REFERENCE = 20  # validation films needed to set the centres and the threshold on them
 
 
 @dataclass
@@ -32,7 +31,7 @@ class OODGate:
     mean: np.ndarray  # (d,)
     components: np.ndarray  # (k, d) principal axes
     scales: np.ndarray  # (k,) sqrt of the explained variances
-    centers: np.ndarray  # (2,) medians of [mahalanobis, residual] on training images
+    centers: np.ndarray  # (2,) medians of [mahalanobis, residual] on the reference (validation) films
     spreads: np.ndarray  # (2,) scaled MADs
     threshold: float
     reject_rate: float
@@ -48,16 +47,13 @@ class OODGate:
         z = (self.raw_signals(X) - self.centers) / self.spreads
         return z.max(axis=1)
 
-    def score_one(self, outputs: dict, i: int, decoded: DecodedImage | None) -> float:
-        score = float(self.score_embeddings(outputs["embedding"][i : i + 1])[0])
-        if decoded is not None and (decoded.colorfulness > COLOR_LIMIT or float(decoded.pixels.std()) < FLAT_LIMIT):
-            score += COLOR_PENALTY
-        return round(score, 4)
+    def score_one(self, outputs: dict, i: int, decoded=None) -> float:
+        """The shift score of image ``i`` of a network call's ``outputs`` (``decoded`` is not needed any more)."""
+        return round(float(self.score_embeddings(outputs["embedding"][i : i + 1])[0]), 4)
 
     def info(self) -> dict:
-        return {"method": "pca-mahalanobis+residual+colour", "n_components": int(len(self.scales)),
-                "threshold": self.threshold, "reject_rate": self.reject_rate, "color_limit": COLOR_LIMIT,
-                "arrays": ARRAY_FILE}
+        return {"method": "shift: pca-mahalanobis+residual", "n_components": int(len(self.scales)),
+                "threshold": self.threshold, "reject_rate": self.reject_rate, "arrays": ARRAY_FILE}
 
     def arrays(self) -> dict[str, bytes]:
         from safetensors.numpy import save
@@ -159,12 +155,13 @@ def fit_gate_cross(X: np.ndarray, *, folds: int = 4, reject_rate: float = 0.01, 
 
 def fit_gate(backbone, X_train: np.ndarray, X_val: np.ndarray | None = None, *, n_components: int = 32,
              reject_rate: float = 0.01, margin: float = 1.5) -> OODGate:
-    """Fit the gate on training embeddings; set its threshold on the validation embeddings."""
+    """The subspace of the training embeddings; centres, spreads and threshold from the validation embeddings
+    (``MIN_REFERENCE`` of them at least, else from the training ones)."""
     X = np.asarray(X_train, np.float64)
     k = int(min(n_components, len(X) - 1, X.shape[1]))
     gate = _subspace(X, k, reject_rate)
-    gate.centers, gate.spreads = _robust(gate.raw_signals(X))
-    reference = X_val if X_val is not None and len(X_val) >= 20 else X
+    reference = np.asarray(X_val, np.float64) if X_val is not None and len(X_val) >= MIN_REFERENCE else X
+    gate.centers, gate.spreads = _robust(gate.raw_signals(reference))
     scores = gate.score_embeddings(reference)
     # The quantile of a small validation split is noisy; the margin (in robust z units) keeps
     # genuine images from other hospitals, which sit a little further out, on the accepted side.

@@ -26,9 +26,13 @@ class Prediction:
     label: str | None = None  # the decision (operating point for binary models), None when rejected/failed
     positive_score: float | None = None
     threshold: float | None = None
-    ood: bool | None = None
-    ood_score: float | None = None
-    ood_threshold: float | None = None
+    ood: bool | None = None  # refused as not a frontal chest X-ray (cxrlab.chest): no scores, no label
+    ood_score: float | None = None  # 1 - the chest check's probability of a frontal chest X-ray
+    ood_threshold: float | None = None  # refused above this
+    ood_reason: str | None = None
+    shift: bool | None = None  # scored, with a warning: unlike the model's training images (cxrlab.ood)
+    shift_score: float | None = None
+    shift_threshold: float | None = None
     error: str | None = None
 
     def ranked(self) -> list[tuple[str, float]]:
@@ -74,6 +78,9 @@ class Model:
         op = self.info.get("operating_point") or {}
         self.positive_label = self.info.get("positive_label")
         self.threshold = float(op["threshold"]) if op and self.positive_label in self.labels else None
+        # Models saved before the chest check existed had a gate that refused pictures: they get the check too.
+        self.chest_check = self.info["chest_check"] if "chest_check" in self.info else (
+            _chest_info() if self.info.get("ood") else None)
         self.ood_gate = None
         if self.info.get("ood"):
             from .ood import OODGate
@@ -138,21 +145,40 @@ class Model:
 
     def predict_arrays(self, arrays: list[np.ndarray], decoded: list[DecodedImage | None] | None = None,
                        *, ood: bool = True, names: list[str] | None = None) -> list[Prediction]:
+        """``ood``: refuse what is not a frontal chest X-ray (no scores) and flag films unlike the training images."""
         names = names or [f"image{i}" for i in range(len(arrays))]
-        want = ["probabilities", "embedding"] + (["imagenet_logits"] if self.ood_gate is not None else [])
-        out = self.run(np.stack(arrays), want) if arrays else {}
+        verdicts = self.chest_verdicts(arrays, decoded) if ood else [None] * len(arrays)
+        kept = [i for i, v in enumerate(verdicts) if v is None or v.chest]
+        out = self.run(np.stack([arrays[i] for i in kept]), ["probabilities", "embedding"]) if kept else {}
+        row = {i: r for r, i in enumerate(kept)}
+        cutoff = round(1 - float(self.chest_check["threshold"]), 4) if self.chest_check else None
         preds = []
         for i, name in enumerate(names):
-            probs = out["probabilities"][i]
+            v = verdicts[i]
+            if v is not None and not v.chest:
+                preds.append(Prediction(name, threshold=self.threshold, ood=True, ood_score=round(1 - v.score, 4),
+                                        ood_threshold=cutoff, ood_reason=v.reason))
+                continue
+            probs = out["probabilities"][row[i]]
             label, pos = self.decide(probs)
             pred = Prediction(name, {lab: float(p) for lab, p in zip(self.labels, probs)}, label, pos, self.threshold)
+            if v is not None:
+                pred.ood, pred.ood_score, pred.ood_threshold = False, round(1 - v.score, 4), cutoff
             if ood and self.ood_gate is not None:
-                score = self.ood_gate.score_one(out, i, decoded[i] if decoded else None)
-                pred.ood, pred.ood_score, pred.ood_threshold = bool(score > self.ood_gate.threshold), score, self.ood_gate.threshold
-                if pred.ood:
-                    pred.label = None
+                score = self.ood_gate.score_one(out, row[i])
+                pred.shift, pred.shift_score, pred.shift_threshold = bool(score > self.ood_gate.threshold), score, self.ood_gate.threshold
             preds.append(pred)
         return preds
+
+    def chest_verdicts(self, arrays: list[np.ndarray], decoded: list[DecodedImage | None] | None = None) -> list:
+        """The chest check's verdict on each image (None for all when this model has no check)."""
+        if not self.chest_check:
+            return [None] * len(arrays)
+        from .chest import check
+
+        pictures = [d if d is not None else a for a, d in zip(arrays, decoded or [None] * len(arrays))]
+        return check(pictures, threshold=float(self.chest_check["threshold"]),
+                     network=bool(self.chest_check.get("network", True)))
 
     def predict(self, images, *, ood: bool = True, batch_size: int = 16) -> list[Prediction]:
         """Predict each image: files, folders of image files, and images already in memory.
@@ -168,8 +194,9 @@ class Model:
             0..1 as they are (see :mod:`cxrlab.decode`). A single 3-D array is one colour image;
             pass a list for several images.
         ood : bool
-            Apply the model's out-of-distribution gate: an image unlike the training images gets
-            ``ood=True`` and no ``label``.
+            Refuse what is not a frontal chest X-ray (``cxrlab.chest``): it gets ``ood=True``, the
+            reason in ``ood_reason``, and no scores or ``label``; and flag a chest film unlike the
+            training images (``shift=True``, ``shift_score``): it is still scored.
         batch_size : int
             Images run through the network at once (memory versus speed).
 
@@ -225,6 +252,12 @@ class Model:
     def predict_bytes(self, data: bytes, name: str = "upload", *, ood: bool = True) -> Prediction:
         arr, img = prepare(data, self.input_size, name)
         return self.predict_arrays([arr], [img], ood=ood, names=[name])[0]
+
+
+def _chest_info() -> dict:
+    from .chest import info
+
+    return info()
 
 
 def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, threads: int | None = None) -> Model:

@@ -68,26 +68,29 @@ def write_run_report(result, image_dir, *, entries, probs_by_relpath, info) -> d
 
 def write_evaluation(output_dir, *, title, rows, labels, positive_label, threshold, metrics,
                      training_curve=None, rejected=None, reference_metrics=None, notes=(),
-                     summary=(), image_root=None, heatmaps=None) -> None:
+                     summary=(), image_root=None, heatmaps=None, subsets=None) -> None:
     """Write metrics.json, predictions.csv and report.html into ``output_dir``.
 
-    ``rows``: dicts with path, true_label, scores (aligned with ``labels``), predicted_label,
-    correct, split. ``metrics`` / ``reference_metrics``: a binary or multi-class report, or a dict
-    holding one under ``"test"``. Relative row paths are resolved against ``image_root``.
+    ``rows``: dicts with path, true_label, scores (aligned with ``labels``; None for an image refused as
+    not a chest X-ray, whose reason is under ``refused``), predicted_label, correct, split, and optionally
+    site and shift_score. ``metrics`` / ``reference_metrics``: a binary or multi-class report, or a dict
+    holding one under ``"test"``. ``subsets``: {title: report} shown as one table row each (all images,
+    accepted, no shift warning). Relative row paths are resolved against ``image_root``.
     """
     out = Path(output_dir)
     atomic_write_bytes(out / "metrics.json", json_bytes(metrics))
     atomic_write_bytes(out / "predictions.csv", _predictions_csv(rows, labels))
+    rows = [r for r in rows if r.get("scores") is not None]  # the refused are shown apart, without scores
     write_report_html(out / "report.html", title=title, rows=rows, labels=labels,
                       positive_label=positive_label, threshold=threshold, report=_report_of(metrics),
                       reference=_report_of(reference_metrics), training_curve=training_curve,
                       rejected=rejected, notes=notes, summary=summary, image_root=image_root,
-                      heatmaps=heatmaps, by_site=(metrics or {}).get("test_by_site"))
+                      heatmaps=heatmaps, by_site=(metrics or {}).get("test_by_site"), subsets=subsets)
 
 
 def write_report_html(path, *, title, rows, labels, positive_label=None, threshold=None, report=None,
                       reference=None, training_curve=None, rejected=None, notes=(), summary=(),
-                      image_root=None, heatmaps=None, by_site=None) -> None:
+                      image_root=None, heatmaps=None, by_site=None, subsets=None) -> None:
     """Render the self-contained HTML report (plots and thumbnails as base64 data URIs).
 
     ``heatmaps``: {"summary": explain.summary(...), "groups": [(title, [(path, caption, png)])]}, or None.
@@ -104,7 +107,7 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
     html = render_html(
         "report.html.j2", title=str(title), summary=[*map(str, summary), *_data_summary(rows, labels, scope)],
         verdict=_verdict(report, binary), scope=scope,
-        tables=_metric_tables(report, reference) + _site_tables(by_site),
+        tables=_metric_tables(report, reference) + _site_tables(by_site) + _subset_tables(subsets),
         plots=[{"alt": alt, "uri": _uri(png)} for alt, png in plots], heatmaps=_heatmap_view(heatmaps),
         wrong=_misclassified(known, labels, positive, threshold, image_root, notes),
         rejected=_rejected(list(rejected or ()), image_root, notes),
@@ -161,14 +164,16 @@ def _report_of(metrics):
 def _predictions_csv(rows, labels) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    sites = any(r.get("site") for r in rows)  # the column only where images carry a site
+    # optional columns only where some row carries them
+    extra = [k for k in ("site", "refused", "shift_score") if any(r.get(k) is not None for r in rows)]
     w.writerow(["path", "true_label", *[f"score_{lab}" for lab in labels], "predicted_label", "correct", "split",
-                *(["site"] if sites else [])])
+                *extra])
     for r in rows:
         c = r.get("correct")
-        w.writerow([r["path"], r.get("true_label") or "", *[f"{float(s):.6f}" for s in r["scores"]],
-                    r["predicted_label"], "" if c is None else int(bool(c)), r.get("split") or "",
-                    *([r.get("site") or ""] if sites else [])])
+        scores = [f"{float(s):.6f}" for s in r["scores"]] if r.get("scores") is not None else [""] * len(labels)
+        w.writerow([r["path"], r.get("true_label") or "", *scores, r["predicted_label"],
+                    "" if c is None else int(bool(c)), r.get("split") or "",
+                    *["" if r.get(k) is None else r[k] for k in extra]])
     return buf.getvalue().encode("utf-8", "backslashreplace")  # a path that is not UTF-8
 
 
@@ -253,6 +258,17 @@ def _metric_tables(report, reference) -> list[dict]:
                    per_class, heading="Per class (one-vs-rest)")]
 
 
+def _subset_tables(subsets) -> list[dict]:
+    """The same figures on all images, on those accepted as chest X-rays, and on those like the training images."""
+    if not subsets or any("per_class" in m for m in subsets.values()):
+        return []
+    rows = [[str(name), str(m.get("n")), auc_text(m.get("auc"), m.get("auc_ci")),
+             pct(m.get("sensitivity"), m.get("sensitivity_ci")), pct(m.get("specificity"), m.get("specificity_ci")),
+             pct(m.get("accuracy"))] for name, m in subsets.items()]
+    return [_table(["Images", "n", "AUC [95% CI]", "Sensitivity [95% CI]", "Specificity [95% CI]", "Accuracy"], rows,
+                   heading="By what the checks said (same threshold)")]
+
+
 def _site_tables(by_site) -> list[dict]:
     """Per-site figures at the one shared operating point: where a model trained on several hospitals is weak."""
     if not by_site:
@@ -322,9 +338,9 @@ def _misclassified(rows, labels, positive, threshold, image_root, notes) -> dict
 
 
 def _rejected(rejected, image_root, notes) -> dict:
-    """The (path, OOD score) pairs of the images the model refused, as thumbnails (up to MAX_THUMBS)."""
-    return {"n": len(rejected), "figures": [_thumb(p, f"rejected, OOD score {_num(s, 3)}", image_root, notes)
-                                            for p, s in rejected[:MAX_THUMBS]]}
+    """The (path, reason) pairs of the images refused as not chest X-rays, as thumbnails (up to MAX_THUMBS)."""
+    return {"n": len(rejected), "figures": [_thumb(p, f"not a chest X-ray: {reason}", image_root, notes)
+                                            for p, reason in rejected[:MAX_THUMBS]]}
 
 
 # ----------------------------------------------------------------- heatmaps

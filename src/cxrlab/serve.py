@@ -105,15 +105,16 @@ def _load_heatmapper():
 
 def verdict(model: Model, pred) -> str:
     if pred.ood:
-        return (f"rejected: not a chest X-ray like the training images "
-                f"(ood score {pred.ood_score:.1f} > {pred.ood_threshold:.1f})")
+        return f"unknown (not a chest X-ray: {pred.ood_reason})"
+    warning = (f"; warning: unlike the training images (shift score {pred.shift_score:.1f} > "
+               f"{pred.shift_threshold:.1f})") if pred.shift else ""
     t, p = pred.threshold, pred.positive_score
     if t is not None and p is not None:
         side = "above" if p >= t else "below"
         if len(model.labels) == 2:
-            return f"{side} threshold {t:.3g} -> {pred.label}"
-        return f"P({model.positive_label}) {side} threshold {t:.3g}; highest score -> {pred.label}"
-    return f"highest score -> {pred.label}"
+            return f"{side} threshold {t:.3g} -> {pred.label}{warning}"
+        return f"P({model.positive_label}) {side} threshold {t:.3g}; highest score -> {pred.label}{warning}"
+    return f"highest score -> {pred.label}{warning}"
 
 
 def model_card(model: Model) -> dict:
@@ -131,15 +132,19 @@ def model_card(model: Model) -> dict:
         "operating_point": info.get("operating_point"), "calibration": info.get("calibration"),
         "training_data": info.get("training_data"), "created_by": info.get("created_by"),
         "ood": {"threshold": ood.get("threshold"), "reject_rate": ood.get("reject_rate")} if ood else None,
+        "chest_check": model.chest_check,
         "intended_use": INTENDED_USE, "disclaimer": DISCLAIMER,
     })
+
+
+_GATE_FIELDS = ("ood", "ood_score", "ood_threshold", "ood_reason", "shift", "shift_score", "shift_threshold")
 
 
 def _failed_result(model: Model, name: str, detail: str) -> dict:
     """The result of an upload that could not be used: the model's fields, no scores, the reason."""
     return {"filename": name, "label": None, "scores": {}, "positive_label": model.positive_label,
-            "positive_score": None, "threshold": model.threshold, "verdict": None, "ood": None, "ood_score": None,
-            "ood_threshold": None, "heatmap_png": None, "error": detail}
+            "positive_score": None, "threshold": model.threshold, "verdict": None, **dict.fromkeys(_GATE_FIELDS),
+            "heatmap_png": None, "error": detail}
 
 
 def _prediction_result(model: Model, name: str, pred, heatmap: str | None) -> dict:
@@ -147,8 +152,8 @@ def _prediction_result(model: Model, name: str, pred, heatmap: str | None) -> di
     return {"filename": name, "label": pred.label, "scores": scores, "positive_label": model.positive_label,
             "positive_score": pred.positive_score if pred.positive_score is not None
             else scores.get(model.positive_label), "threshold": pred.threshold,
-            "verdict": verdict(model, pred), "ood": pred.ood, "ood_score": pred.ood_score,
-            "ood_threshold": pred.ood_threshold, "heatmap_png": heatmap, "error": None}
+            "verdict": verdict(model, pred), **{k: getattr(pred, k) for k in _GATE_FIELDS},
+            "heatmap_png": heatmap, "error": None}
 
 
 async def _check_upload(upload: UploadFile, name: str, lim: ServeLimits) -> None:

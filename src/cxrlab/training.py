@@ -34,6 +34,8 @@ from .validate import train_arguments
 if TYPE_CHECKING:
     from .finetune import FineTuneOptions
 
+CHEST_CHECK_IMAGES = 100  # validation and test images the chest check is tried on before it is switched on
+CHEST_CHECK_MIN_ACCEPTED = 0.8  # below this share of the user's own images accepted, the check stays off
 OOD_SHIFT_IMAGES = 160  # training images whose site-shifted copies widen the OOD gate's notion of genuine
 
 
@@ -236,6 +238,10 @@ def train(
     metrics, rows_te, P_te = evaluate_split(fit, cal, splits, labels, positive, o.test_batch_size, o.seed, notes)
 
     gate = _ood_gate(fit, splits, frozen.digests, image_dir, o.progress) if o.ood else None
+    if gate is not None and splits.test:  # how often the model's own unseen films carry the shift warning
+        metrics["test_shift_warned"] = round(float(np.mean(gate.score_embeddings(fit.X(splits.test)) > gate.threshold)), 4)
+    chest_check = _chest_check(image_dir, splits.validation + splits.test, fit.backbone.spec.input_size, notes) \
+        if o.ood else None
     arrays = {**(gate.arrays() if gate else {}), **_network_arrays(fit, cal)}
     info = model_info(
         labels=labels, positive_label=positive, backbone=fit.backbone, head=fit.head_info,
@@ -244,7 +250,8 @@ def train(
                "validation_percentage": o.validation_percentage, "testing_percentage": o.testing_percentage,
                "group_regex": o.group_regex, "label_from_name": o.label_from_name},
         training_data=_training_data(dataset, len(frozen.skipped)),
-        seed=o.seed, flags=o.flags(), metrics=metrics, fine_tune=fit.fine_tune_info, ood=gate.info() if gate else None)
+        seed=o.seed, flags=o.flags(), metrics=metrics, fine_tune=fit.fine_tune_info, ood=gate.info() if gate else None,
+        chest_check=chest_check)
     onnx_bytes = fuse_head(fit.backbone.onnx_path, cal.head.coef_, cal.head.intercept_, temperature=cal.temperature,
                            metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
     if run_dir != model_dir:
@@ -409,6 +416,31 @@ def _ood_gate(fit: Fit, splits: Splits, digests: dict, image_dir: Path, progress
     X_shift = site_shift_embeddings(fit.embedder, [image_dir / e.relpath for e in sample],
                                     [digests[e.relpath] for e in sample], store=fit.store, progress=progress)
     return fit_gate(fit.backbone, np.concatenate([fit.X(splits.train), X_shift]), fit.X(splits.validation))
+
+
+def _chest_check(image_dir: Path, rows, input_size: int, notes: list[str]) -> dict:
+    """The chest check's record for this model. Its network is off (colour and blank pictures are still
+    refused), with a note, when it would refuse too many of the user's own held-out images: those are not
+    frontal chest films, and refusing them helps no one."""
+    from . import chest
+    from .decode import decode_image
+    from .errors import ImageError
+
+    sample = rows[:: max(1, len(rows) // CHEST_CHECK_IMAGES)][:CHEST_CHECK_IMAGES]
+    pictures = []
+    for e in sample:
+        try:
+            pictures.append(decode_image(image_dir / e.relpath, min_size=input_size))
+        except ImageError:
+            continue
+    if not pictures:
+        return chest.info()
+    accepted = float(np.mean([v.chest for v in chest.check(pictures)]))
+    if accepted < CHEST_CHECK_MIN_ACCEPTED:
+        notes.append(f"the frontal-chest-X-ray check accepts only {accepted:.0%} of this folder's held-out images, "
+                     "so its network is off for this model: only colour and blank pictures are refused")
+        return {**chest.info(network=False), "training_accepted": round(accepted, 4)}
+    return {**chest.info(), "training_accepted": round(accepted, 4)}
 
 
 def resolve_positive_label(labels: list[str], positive_label: str | None, notes: list[str]) -> str | None:

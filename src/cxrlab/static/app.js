@@ -22,8 +22,15 @@
       card.appendChild(el("p", "error-msg", r.error));
       return card;
     }
+    if (r.ood) {  // not a chest X-ray: no score, no bar, only why
+      card.classList.add("refused");
+      card.appendChild(el("div", "label", "unknown"));
+      card.appendChild(el("div", "ood-warning", "Not a chest X-ray: " + (r.ood_reason || "refused") +
+        ". No score is given."));
+      return card;
+    }
     if (r.label && r.label === r.positive_label) card.classList.add("positive");
-    card.appendChild(el("div", "label", r.label === null ? "no answer (rejected)" : r.label));
+    card.appendChild(el("div", "label", r.label === null ? "no answer" : r.label));
     const p = r.positive_score;
     if (r.positive_label && p !== null && p !== undefined) {
       card.appendChild(el("div", "score", "P(" + r.positive_label + ") = " + pct(p)));
@@ -36,10 +43,10 @@
       card.appendChild(el("div", "score", top ? "P(" + top[0] + ") = " + pct(top[1]) : "n/a"));
     }
     card.appendChild(el("div", "verdict", r.verdict));
-    if (r.ood) {
-      card.appendChild(el("div", "ood-warning",
-        "Not a chest X-ray like the training images: ood score " + num(r.ood_score, 1) + " > " +
-        num(r.ood_threshold, 1) + ". The scores below are not meaningful."));
+    if (r.shift) {
+      card.appendChild(el("div", "shift-warning",
+        "Warning: unlike the training images (shift score " + num(r.shift_score, 1) + " > " +
+        num(r.shift_threshold, 1) + "). The film was scored; read the score with more caution."));
     }
     const scores = el("div", "scores");
     scores.textContent = Object.entries(r.scores || {}).map(([k, v]) => k + " " + pct(v)).join(" · ");
@@ -138,7 +145,9 @@
     }
     const cal = m.calibration;
     if (cal) row(dl, "Calibration", cal.method + (cal.temperature !== undefined ? " (T = " + num(cal.temperature) + ")" : ""), "calibration");
-    if (m.ood) row(dl, "OOD gate", "rejects scores > " + num(m.ood.threshold, 2));
+    if (m.chest_check) row(dl, "Chest X-ray check", "refuses pictures scored below " + num(m.chest_check.threshold, 2) +
+      " as a frontal chest X-ray (colour and blank pictures too)");
+    if (m.ood) row(dl, "Shift warning", "shift scores above " + num(m.ood.threshold, 1));
     box.appendChild(dl);
     if (m.intended_use) $("intended-use").textContent = m.intended_use.charAt(0).toUpperCase() + m.intended_use.slice(1) + ".";
   }
