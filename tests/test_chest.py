@@ -128,6 +128,7 @@ def test_a_refused_picture_has_no_scores_anywhere(model_dir, tmp_path, capsys):
     assert info["chest_check"]["threshold"] == chest.THRESHOLD
     # The synthetic drawings are not chest films: the network part is off for this model, with its reason.
     assert info["chest_check"]["network"] is False and info["chest_check"]["training_accepted"] < 0.8
+    assert 0 <= info["metrics"]["test_shift_warned"] <= 1  # how often the model's own unseen films are warned
     colour = tmp_path / "colour.png"
     colour.write_bytes(_png(generated_pictures()["colour blocks"]))
     film = next((root / "normal").glob("*.png"))
