@@ -391,7 +391,7 @@ def main(argv=None) -> int:
                             india=chest.probabilities(list(india), session=session),
                             generated=chest.probabilities(list(gen), session=session))
     shown = {"Shenzhen test films refused": refused(test), "India DA films refused (never fitted on)": refused(india),
-             "generated pictures accepted (400 new ones, another seed)": (len(gen) - refused(gen)[0], len(gen))}
+             "generated pictures accepted by the network (400 new ones, another seed)": (len(gen) - refused(gen)[0], len(gen))}
     measured = [f"  * {k}: {n} of {m}" for k, (n, m) in shown.items()]
     print("\n".join(["cross-validated (by source):"] + lines + ["shipped check:"] + measured))
 

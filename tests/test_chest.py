@@ -172,4 +172,4 @@ def test_evaluate_counts_refused_pictures_and_reports_each_subset(model_dir, tmp
     photo = next(row for row in rows if row["path"].endswith("photo.png"))
     assert photo["predicted_label"] == "refused" and photo["score_abnormal"] == "" and "colour" in photo["refused"]
     html = (tmp_path / "eval" / "report.html").read_text()
-    assert "Refused as not chest X-rays (1;" in html and "accepted as chest X-rays" in html
+    assert "Rejected images: not chest X-rays (1;" in html and "accepted as chest X-rays" in html

@@ -387,8 +387,8 @@ def run_evaluate(a) -> int:
     r = evaluate(load_model_arg(a), a.data, label_from_name=a.label_from_name, output=a.output, ood=not a.no_ood,
                  progress=TqdmProgress())
     m = r.metrics
-    print(f"Images: {m['n_images']} read, {m['n_rejected']} refused as not a chest X-ray, {m['n_shift']} warned as "
-          f"unlike the training images, {m['n_skipped']} unreadable")
+    print(f"Images: {m['n_images'] - m['n_rejected']} scored, {m['n_rejected']} rejected as not a chest X-ray (no "
+          f"score), {m['n_shift']} warned as unlike the training images, {m['n_skipped']} unreadable")
     rows = [("all images", m.get("all")), ("accepted only", m.get("accepted")),
             ("no shift warning", m.get("in_distribution")), ("internal test", m.get("internal_test"))]
     print(f"{'':16} {'AUC':>6} {'sens':>6} {'spec':>6} {'acc':>6}")

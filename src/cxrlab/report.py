@@ -165,7 +165,7 @@ def _predictions_csv(rows, labels) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     # optional columns only where some row carries them
-    extra = [k for k in ("site", "refused", "shift_score") if any(r.get(k) is not None for r in rows)]
+    extra = [k for k in ("site", "refused", "shift_score") if any(r.get(k) not in (None, "") for r in rows)]
     w.writerow(["path", "true_label", *[f"score_{lab}" for lab in labels], "predicted_label", "correct", "split",
                 *extra])
     for r in rows:
@@ -338,9 +338,11 @@ def _misclassified(rows, labels, positive, threshold, image_root, notes) -> dict
 
 
 def _rejected(rejected, image_root, notes) -> dict:
-    """The (path, reason) pairs of the images refused as not chest X-rays, as thumbnails (up to MAX_THUMBS)."""
-    return {"n": len(rejected), "figures": [_thumb(p, f"not a chest X-ray: {reason}", image_root, notes)
-                                            for p, reason in rejected[:MAX_THUMBS]]}
+    """The (path, reason) pairs of the images rejected as not chest X-rays, as thumbnails (up to MAX_THUMBS); a
+    number instead of a reason is shown as a score."""
+    def caption(why):
+        return f"not a chest X-ray: {why}" if isinstance(why, str) else f"rejected, score {_num(why, 3)}"
+    return {"n": len(rejected), "figures": [_thumb(p, caption(why), image_root, notes) for p, why in rejected[:MAX_THUMBS]]}
 
 
 # ----------------------------------------------------------------- heatmaps

@@ -422,7 +422,7 @@ def _chest_check(image_dir: Path, rows, input_size: int, notes: list[str]) -> di
     """The chest check's record for this model. Its network is off (colour and blank pictures are still
     refused), with a note, when it would refuse too many of the user's own held-out images: those are not
     frontal chest films, and refusing them helps no one."""
-    from . import chest
+    from .chest import check, info
     from .decode import decode_image
     from .errors import ImageError
 
@@ -434,13 +434,13 @@ def _chest_check(image_dir: Path, rows, input_size: int, notes: list[str]) -> di
         except ImageError:
             continue
     if not pictures:
-        return chest.info()
-    accepted = float(np.mean([v.chest for v in chest.check(pictures)]))
+        return info()
+    accepted = float(np.mean([v.chest for v in check(pictures)]))
     if accepted < CHEST_CHECK_MIN_ACCEPTED:
         notes.append(f"the frontal-chest-X-ray check accepts only {accepted:.0%} of this folder's held-out images, "
                      "so its network is off for this model: only colour and blank pictures are refused")
-        return {**chest.info(network=False), "training_accepted": round(accepted, 4)}
-    return {**chest.info(), "training_accepted": round(accepted, 4)}
+        return {**info(network=False), "training_accepted": round(accepted, 4)}
+    return {**info(), "training_accepted": round(accepted, 4)}
 
 
 def resolve_positive_label(labels: list[str], positive_label: str | None, notes: list[str]) -> str | None:
