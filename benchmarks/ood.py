@@ -6,7 +6,8 @@ For each model, prints on each folder the share refused as "not a chest X-ray" a
 films warned as unlike the training images:
 - ../shared/data/not_cxr (target: 100 % refused) and generated pictures (noise, text, gradients, colour photos,
   blank; target: 100 % refused);
-- the Shenzhen test split of the default hash split (target: 0 % refused), India DA (target: <= 1 % refused),
+- the Shenzhen test split of the default hash split (target: 0 % refused), and the same films under each of
+  cxrlab's site shifts (cxrlab.siteshift; an inverted film is refused by design), India DA (target: <= 1 % refused),
   the 36 frontal films of cxr_variants (target: at most 1 refused) and its 11 laterals (refused by design);
 - the time the check adds to ``Model.predict`` on the Shenzhen test films, as a ratio against predict with the
   check off, both measured in this run (target: <= 1.05).
@@ -84,6 +85,20 @@ def line(name: str, preds, want: str) -> str:
     return text
 
 
+def site_shifts(files: list[str]) -> None:
+    """The check (the same for every model) on the Shenzhen test films under each of cxrlab's site shifts."""
+    from cxrlab import chest
+    from cxrlab.decode import decode_image
+    from cxrlab.siteshift import SHIFTS
+
+    pixels = [decode_image(f, min_size=224).pixels for f in files]
+    print(f"chest X-ray check on the {len(files)} Shenzhen test films under each site shift (target: 0 refused; "
+          "'inverted' is refused by design):")
+    for name, fn in SHIFTS.items():
+        verdicts = chest.check([np.clip(fn(p), 0, 1).astype(np.float32) for p in pixels])
+        print(f"  {name:18} refused {sum(not v.chest for v in verdicts):3d}/{len(verdicts)}")
+
+
 def main(argv=None) -> None:
     import cxrlab
     from cxrlab.discover import walk_images
@@ -104,6 +119,7 @@ def main(argv=None) -> None:
                "cxr_variants lateral": "refused by design", "Shenzhen test split": "0% refused",
                "India DA (never trained on)": "<= 1% refused"}
     pictures = generated()
+    site_shifts(folders["Shenzhen test split"])
     for m in a.models:
         model = cxrlab.load_model(m)
         recipe = "fine-tuned" if model.info.get("fine_tune") else "linear head"

@@ -111,6 +111,22 @@ def test_shenzhen_test_split_is_accepted():
     assert len(test) > 50 and all(v.chest for v in verdicts)
 
 
+def test_site_shifted_films_are_accepted_and_inverted_ones_refused():
+    from cxrlab.siteshift import SHIFTS
+
+    from cxrlab.discover import discover
+    from cxrlab.split import split_samples
+
+    root = _folder("shenzhen")
+    manifest, _ = split_samples(discover(root).samples)
+    pixels = [decode_image(root / e.relpath, min_size=224).pixels for e in manifest.subset("test")]
+    for name, fn in SHIFTS.items():
+        verdicts = chest.check([np.clip(fn(p), 0, 1).astype(np.float32) for p in pixels])
+        refused = sum(not v.chest for v in verdicts)
+        # an inverted film (white lungs) is refused by design: no model trained on films can read it
+        assert refused == (len(pixels) if name == "inverted" else 0), name
+
+
 # ------------------------------------------------------------------ surfaces
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
