@@ -127,3 +127,32 @@ def test_upload_shows_label_score_heatmap(sync_api, trained, server_url):
         finally:
             browser.close()
     assert not problems, problems
+
+
+def test_refused_upload_shows_why_and_no_score(sync_api, server_url, tmp_path):
+    """Issue 16: a picture that is not a chest X-ray gets an 'unknown' card with the reason: no score, no bar."""
+    import numpy as np
+    from PIL import Image
+
+    photo = tmp_path / "holiday.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8).repeat(32, 0).repeat(32, 1)).save(photo)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(120_000)
+            page.goto(server_url + "/")
+            page.wait_for_selector("#model-card-fields .backbone")
+            assert "Chest X-ray check" in page.inner_text("#model-card")
+            with page.expect_response(lambda r: "/api/predict" in r.url) as response:
+                page.set_input_files("#file-input", str(photo))
+            (api,) = response.value.json()["results"]
+            assert api["ood"] is True and api["scores"] == {} and api["positive_score"] is None
+            page.wait_for_selector(".result.refused .ood-warning")
+            assert page.inner_text(".result .label") == "unknown"
+            assert "Not a chest X-ray: a colour picture" in page.inner_text(".result .ood-warning")
+            assert page.locator(".result .score").count() == 0 and page.locator(".result .bar").count() == 0
+            assert "%" not in page.inner_text(".result")
+        finally:
+            browser.close()

@@ -284,8 +284,10 @@ def test_refused_and_shift_verdicts(model):
     assert serve_mod.verdict(model, pred) == "unknown (not a chest X-ray: a colour picture (colourfulness 0.30))"
     pred = Prediction("x", {"abnormal": 0.9, "normal": 0.1}, "abnormal", 0.9, 0.5, False, 0.02, 0.5, None,
                       True, 8.31, 3.1)
-    assert serve_mod.verdict(model, pred) == \
-        "above threshold 0.5 -> abnormal; warning: unlike the training images (shift score 8.3 > 3.1)"
+    assert serve_mod.verdict(model, pred) == "above threshold 0.5 -> abnormal"
+    assert serve_mod.shift_warning(pred) == "warning: unlike the training images (shift score 8.3 > 3.1)"
+    pred.shift = False
+    assert serve_mod.shift_warning(pred) is None
 
 
 def test_model_card(client):

@@ -106,15 +106,20 @@ def _load_heatmapper():
 def verdict(model: Model, pred) -> str:
     if pred.ood:
         return f"unknown (not a chest X-ray: {pred.ood_reason})"
-    warning = (f"; warning: unlike the training images (shift score {pred.shift_score:.1f} > "
-               f"{pred.shift_threshold:.1f})") if pred.shift else ""
     t, p = pred.threshold, pred.positive_score
     if t is not None and p is not None:
         side = "above" if p >= t else "below"
         if len(model.labels) == 2:
-            return f"{side} threshold {t:.3g} -> {pred.label}{warning}"
-        return f"P({model.positive_label}) {side} threshold {t:.3g}; highest score -> {pred.label}{warning}"
-    return f"highest score -> {pred.label}{warning}"
+            return f"{side} threshold {t:.3g} -> {pred.label}"
+        return f"P({model.positive_label}) {side} threshold {t:.3g}; highest score -> {pred.label}"
+    return f"highest score -> {pred.label}"
+
+
+def shift_warning(pred) -> str | None:
+    """The answer's warning for a film unlike the training images (it is still scored), or None."""
+    if not pred.shift:
+        return None
+    return f"warning: unlike the training images (shift score {pred.shift_score:.1f} > {pred.shift_threshold:.1f})"
 
 
 def model_card(model: Model) -> dict:
@@ -143,7 +148,8 @@ _GATE_FIELDS = ("ood", "ood_score", "ood_threshold", "ood_reason", "shift", "shi
 def _failed_result(model: Model, name: str, detail: str) -> dict:
     """The result of an upload that could not be used: the model's fields, no scores, the reason."""
     return {"filename": name, "label": None, "scores": {}, "positive_label": model.positive_label,
-            "positive_score": None, "threshold": model.threshold, "verdict": None, **dict.fromkeys(_GATE_FIELDS),
+            "positive_score": None, "threshold": model.threshold, "verdict": None, "warning": None,
+            **dict.fromkeys(_GATE_FIELDS),
             "heatmap_png": None, "error": detail}
 
 
@@ -152,7 +158,7 @@ def _prediction_result(model: Model, name: str, pred, heatmap: str | None) -> di
     return {"filename": name, "label": pred.label, "scores": scores, "positive_label": model.positive_label,
             "positive_score": pred.positive_score if pred.positive_score is not None
             else scores.get(model.positive_label), "threshold": pred.threshold,
-            "verdict": verdict(model, pred), **{k: getattr(pred, k) for k in _GATE_FIELDS},
+            "verdict": verdict(model, pred), "warning": shift_warning(pred), **{k: getattr(pred, k) for k in _GATE_FIELDS},
             "heatmap_png": heatmap, "error": None}
 
 

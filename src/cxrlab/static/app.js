@@ -46,7 +46,7 @@
     if (r.shift) {
       card.appendChild(el("div", "shift-warning",
         "Warning: unlike the training images (shift score " + num(r.shift_score, 1) + " > " +
-        num(r.shift_threshold, 1) + "). The film was scored; read the score with more caution."));
+        num(r.shift_threshold, 1) + "). The film was scored; read its score with more caution."));
     }
     const scores = el("div", "scores");
     scores.textContent = Object.entries(r.scores || {}).map(([k, v]) => k + " " + pct(v)).join(" · ");
