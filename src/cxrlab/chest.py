@@ -58,8 +58,8 @@ def _session():
     if hashlib.sha256(data).hexdigest() != ASSET_SHA256:
         raise CxrlabError(f"{ASSET} does not match its recorded SHA-256 (chest.ASSET_SHA256); "
                           "reinstall cxrlab or rebuild it with scripts/build_chest_check.py")
-    # One thread: the network is tiny, and a second spinning thread pool slowed the model's own session by
-    # more than the check costs (measured: +35 % predict time with two pools, against +5 % of pure work).
+    # One thread: the network is tiny, and a second thread pool spinning beside the model's own slowed
+    # predict more than the check's work (measured, head-only lite0: +35 % with two threads, +10 % with one).
     return make_session(data, threads=1)
 
 
@@ -67,7 +67,7 @@ def probabilities(grays: Sequence[np.ndarray], session=None) -> np.ndarray:
     """(N,) probability that each 2-D gray picture (float in [0, 1], any size) is a frontal chest radiograph;
     ``session`` (an onnxruntime session of another build of the network) is for the build script. The network
     says what it needs: its ``image`` input's side, and a ``lungs`` input where it reads the lung map too."""
-    from . import lungs
+    from .lungs import SIZE as LUNG_SIZE, masks_128
 
     if not len(grays):
         return np.zeros(0, np.float32)
@@ -76,7 +76,7 @@ def probabilities(grays: Sequence[np.ndarray], session=None) -> np.ndarray:
     size = int(names["image"][2])
     feeds = {"image": np.stack([resize(np.asarray(g, np.float32), size) for g in grays])}
     if "lungs" in names:
-        feeds["lungs"] = lungs.masks_128([resize(np.asarray(g, np.float32), lungs.SIZE) for g in grays])
+        feeds["lungs"] = masks_128([resize(np.asarray(g, np.float32), LUNG_SIZE) for g in grays])
     out = [session.run(["chest"], {k: v[i:i + BATCH, None] for k, v in feeds.items()})[0]
            for i in range(0, len(grays), BATCH)]
     return np.concatenate(out).astype(np.float32)
