@@ -45,24 +45,12 @@ from cxrlab.decode import decode_image, resize
 from cxrlab.discover import discover
 from cxrlab.split import split_samples
 
+from build_lung_segmenter import Window, blur  # the same per-image window and blur as the lung segmenter
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "src" / "cxrlab" / "assets"
 S = lungs.SIZE  # pictures are kept at the segmenter's size; the network sees them at --size
 FOLDS = 5
-
-
-class Window(nn.Module):
-    """Per-image window: the 1st percentile -> 0, the 99th -> 1, clipped (a flat image -> all 0)."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.lo, self.hi = round(0.01 * (size * size - 1)), round(0.99 * (size * size - 1))  # the percentiles' ranks
-
-    def forward(self, x):
-        flat = x.reshape(x.shape[0], -1)
-        ranked = torch.sort(flat, dim=1).values
-        lo, hi = ranked[:, self.lo:self.lo + 1], ranked[:, self.hi:self.hi + 1]
-        return ((flat - lo) / (hi - lo).clamp_min(1e-3)).clamp(0, 1).reshape(x.shape)
 
 
 def down(cin: int, cout: int) -> nn.Sequential:
@@ -227,16 +215,6 @@ def _phantom(g: np.random.Generator) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ augmentation
-def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    t = torch.arange(-4, 5, dtype=x.dtype)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
-    k = k / k.sum(1, keepdim=True)
-    n = x.shape[0]
-    y = F.conv2d(F.pad(x.transpose(0, 1), (4, 4, 0, 0), mode="replicate"), k[:, None, None, :], groups=n)
-    y = F.conv2d(F.pad(y, (0, 0, 4, 4), mode="replicate"), k[:, None, :, None], groups=n)
-    return y.transpose(0, 1)
-
-
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The same acquisition changes for every class: geometry, borders, exposure, film curve, resolution,
     noise, burnt-in markers."""

@@ -34,16 +34,20 @@ from cxrlab.decode import decode_image, resize
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "src" / "cxrlab" / "assets"
 S = lungs.SIZE
-LO, HI = round(0.01 * (S * S - 1)), round(0.99 * (S * S - 1))  # the 1st and 99th percentile's ranks
 
 
 class Window(nn.Module):
-    """Per-image window: the 1st percentile -> 0, the 99th -> 1, clipped (a flat image -> all 0)."""
+    """Per-image window: the 1st percentile -> 0, the 99th -> 1, clipped (a flat image -> all 0); ``size``: the
+    side of the square images it is given."""
+
+    def __init__(self, size: int = S):
+        super().__init__()
+        self.lo, self.hi = round(0.01 * (size * size - 1)), round(0.99 * (size * size - 1))  # the percentiles' ranks
 
     def forward(self, x):
         flat = x.reshape(x.shape[0], -1)
         ranked = torch.sort(flat, dim=1).values
-        lo, hi = ranked[:, LO:LO + 1], ranked[:, HI:HI + 1]
+        lo, hi = ranked[:, self.lo:self.lo + 1], ranked[:, self.hi:self.hi + 1]
         return ((flat - lo) / (hi - lo).clamp_min(1e-3)).clamp(0, 1).reshape(x.shape)
 
 

@@ -78,12 +78,12 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     parent = load_model_files(model, trust_modified=trust_modified)
     paths, labels_of = _site_images(images, parent, labelled, label_from_name)
     site = _Site.load(paths, int(parent.info["backbone"]["input_size"]))
-    n_read = len(site.arrays)
-    site = site.chest_films(_Candidate(parent).model)  # what is not a chest X-ray is no part of the site
+    n_read, unadapted = len(site.arrays), _Candidate(parent)
+    site = site.chest_films(unadapted.model)  # what is not a chest X-ray is no part of the site
     refused = (n_read - len(site.arrays)) / n_read if n_read else 0.0
     if len(site.arrays) < MIN_SITE_IMAGES:
         raise DataError(f"{images}: {len(site.arrays)} usable image(s); adapting needs at least {MIN_SITE_IMAGES}")
-    before = _Candidate(parent).score(site)
+    before = unadapted.score(site)
     files, layers, notes = _adapted_network(parent, site, batchnorm)
     after = _Candidate(files).score(site)
     if parent.info.get("ood"):  # the refit changes only the shift warnings: the network's outputs are reused

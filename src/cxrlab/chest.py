@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 
 from .decode import DecodedImage, resize
-from .errors import CxrlabError
 
 ASSET = Path(__file__).resolve().parent / "assets" / "chestcheck.onnx"
 ASSET_SHA256 = "08812e0d8ef047e133218ce8b04e913b07e62f87d8f67faf285020717c40aaa9"  # set by scripts/build_chest_check.py
@@ -52,15 +51,11 @@ def info(network: bool = True) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _session():
-    from .embed import make_session
+    from .embed import asset_session
 
-    data = ASSET.read_bytes()
-    if hashlib.sha256(data).hexdigest() != ASSET_SHA256:
-        raise CxrlabError(f"{ASSET} does not match its recorded SHA-256 (chest.ASSET_SHA256); "
-                          "reinstall cxrlab or rebuild it with scripts/build_chest_check.py")
     # One thread: the network is tiny, and a second thread pool spinning beside the model's own slowed
     # predict more than the check's work (measured, head-only lite0: +35 % with two threads, +10 % with one).
-    return make_session(data, threads=1)
+    return asset_session(ASSET, ASSET_SHA256, "chest.ASSET_SHA256", "scripts/build_chest_check.py", threads=1)
 
 
 def probabilities(grays: Sequence[np.ndarray], session=None) -> np.ndarray:

@@ -12,13 +12,14 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .backbones import Backbone
 from .cache import EmbeddingStore
 from .decode import DecodedImage, decode_image, read_image_bytes, resize
-from .errors import ImageError
+from .errors import CxrlabError, ImageError
 from .progress import Progress, resolve
 
 
@@ -53,6 +54,16 @@ def make_session(onnx_path: str | os.PathLike | bytes, *, threads: int | None = 
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
     return ort.InferenceSession(source, so, providers=providers)
+
+
+def asset_session(path: Path, sha256: str, where: str, script: str, *, threads: int | None = None):
+    """A session of a model file shipped in the package, refused unless it matches its recorded SHA-256
+    (``where`` names the constant holding it, ``script`` the script that rebuilds it)."""
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CxrlabError(f"{path} does not match its recorded SHA-256 ({where}); "
+                          f"reinstall cxrlab or rebuild it with {script}")
+    return make_session(data, threads=threads)
 
 
 def read_file(path: str | os.PathLike) -> bytes:

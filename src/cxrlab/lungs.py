@@ -28,7 +28,6 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from .decode import resize
-from .errors import CxrlabError
 
 ASSET = Path(__file__).resolve().parent / "assets" / "lungseg.onnx"
 ASSET_SHA256 = "0ffe750ead84108b285e5b261d5b5358ba365e8d7bf6dc47d028e1b1e7b843b3"  # set by scripts/build_lung_segmenter.py
@@ -61,13 +60,9 @@ def asset_sha256() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _session():
-    from .embed import make_session
+    from .embed import asset_session
 
-    data = ASSET.read_bytes()
-    if hashlib.sha256(data).hexdigest() != ASSET_SHA256:
-        raise CxrlabError(f"{ASSET} does not match its recorded SHA-256 (lungs.ASSET_SHA256); "
-                          "reinstall cxrlab or rebuild it with scripts/build_lung_segmenter.py")
-    return make_session(data)
+    return asset_session(ASSET, ASSET_SHA256, "lungs.ASSET_SHA256", "scripts/build_lung_segmenter.py")
 
 
 def _check(gray: np.ndarray) -> np.ndarray:

@@ -262,22 +262,21 @@ def _subset_tables(subsets) -> list[dict]:
     """The same figures on all images, on those accepted as chest X-rays, and on those like the training images."""
     if not subsets or any("per_class" in m for m in subsets.values()):
         return []
-    rows = [[str(name), str(m.get("n")), auc_text(m.get("auc"), m.get("auc_ci")),
-             pct(m.get("sensitivity"), m.get("sensitivity_ci")), pct(m.get("specificity"), m.get("specificity_ci")),
-             pct(m.get("accuracy"))] for name, m in subsets.items()]
-    return [_table(["Images", "n", "AUC [95% CI]", "Sensitivity [95% CI]", "Specificity [95% CI]", "Accuracy"], rows,
-                   heading="By what the checks said (same threshold)")]
+    return [_rows_table("Images", subsets, "By what the checks said (same threshold)")]
 
 
 def _site_tables(by_site) -> list[dict]:
     """Per-site figures at the one shared operating point: where a model trained on several hospitals is weak."""
-    if not by_site:
-        return []
-    rows = [[str(site), str(m.get("n")), auc_text(m.get("auc"), m.get("auc_ci")),
+    return [_rows_table("Site", by_site, "Per site (test split, same threshold)")] if by_site else []
+
+
+def _rows_table(first: str, reports: dict, heading: str) -> dict:
+    """One row of binary figures (n, AUC, sensitivity, specificity, accuracy) per named report."""
+    rows = [[str(name), str(m.get("n")), auc_text(m.get("auc"), m.get("auc_ci")),
              pct(m.get("sensitivity"), m.get("sensitivity_ci")), pct(m.get("specificity"), m.get("specificity_ci")),
-             pct(m.get("accuracy"))] for site, m in by_site.items()]
-    return [_table(["Site", "n", "AUC [95% CI]", "Sensitivity [95% CI]", "Specificity [95% CI]", "Accuracy"], rows,
-                   heading="Per site (test split, same threshold)")]
+             pct(m.get("accuracy"))] for name, m in reports.items()]
+    return _table([first, "n", "AUC [95% CI]", "Sensitivity [95% CI]", "Specificity [95% CI]", "Accuracy"], rows,
+                  heading=heading)
 
 
 # ----------------------------------------------------------------- images
