@@ -1,19 +1,24 @@
-"""Embedding throughput, precision, memory and cache figures, each against a baseline from the same run.
+"""Embedding and prediction throughput per engine, precision and memory, each against a baseline from the same run.
 
     python benchmarks/embed.py [IMAGE_DIR] [--backbones efficientnet-lite0,inception-v3]
-                               [--precisions fp32,int8] [--scale 20000] [--eager-images 64]
+                               [--engines onnxruntime:fp32,openvino:fp32,openvino:bf16] [--precisions fp32,int8]
+                               [--model MODEL_DIR] [--scale 20000] [--eager-images 64]
 
-For every backbone and precision: images/s end to end from files (read + decode + resize + forward,
-no cache) in a fresh process, its peak RSS, the share of the machine's peak FLOP rate, and the
-ratio to a naive PyTorch eager loop. Then the warm `cxrlab train` wall time (every embedding a
-cache hit), a cold `cxrlab predict` of one image, and optionally a scale run on generated images
-(peak RSS at 1k vs N images, and the time to load N cached embeddings).
+The baseline of every ratio is a plain ONNX Runtime fp32 loop over the same graph, measured in the same run:
+each file read, decoded and resized in turn (cxrlab's own decoder), then run through the graph in batches of
+32, nothing overlapped. For every backbone, graph precision (fp32, int8) and engine (runtime:precision, see
+cxrlab.runtime): images/s end to end from files (read + decode + resize + forward, no cache) through
+cxrlab's Embedder in a fresh process, the ratio to that loop, its peak RSS and the share of the machine's peak
+FLOP rate; and the ratio to a naive PyTorch eager loop. Then the whole `cxrlab predict` process over every image
+(engine auto) against a whole-process plain loop over the same model.onnx, the warm `cxrlab train` wall time
+(every embedding a cache hit), a cold `cxrlab predict` of one image, and optionally a scale run on generated
+images (peak RSS at 1k vs N images, and the time to load N cached embeddings).
 
 Peak FLOP rate: measured, not looked up: the best float32 matrix-multiply rate ONNX Runtime's own
 kernels reach on this machine with all cores (a 2048^3 MatMul, best of 5), which is what its dense
 convolution kernels can at most approach. Model FLOPs are counted from the ONNX graph (2 x MACs of
-every Conv and Gemm/MatMul, shapes from ONNX Runtime's symbolic shape inference at batch 1); int8 rows count the same
-operations against the same float32 peak, so their share can exceed what float32 could reach.
+every Conv and Gemm/MatMul, shapes from ONNX Runtime's symbolic shape inference at batch 1); int8 and bf16
+rows count the same operations against the same float32 peak, so their share can exceed what float32 could reach.
 """
 
 from __future__ import annotations
@@ -85,19 +90,42 @@ def worker(args: dict) -> dict:
     """Runs in a fresh process so that its peak RSS is its own."""
     import resource
 
+    paths = [Path(p) for p in Path(args["paths_file"]).read_text().splitlines()]
+    if args.get("plain_model"):
+        elapsed = _timed(lambda: plain_loop(args["plain_model"], paths, output="probabilities"))
+        return {"img_s": len(paths) / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     from cxrlab.backbones import create_backbone
     from cxrlab.embed import Embedder
+    from cxrlab.runtime import Engine, bf16_offered, resolve
 
-    paths = [Path(p) for p in Path(args["paths_file"]).read_text().splitlines()]
     bb = create_backbone(args["backbone"])
     if args["precision"] != "fp32":
         from cxrlab.precision import with_precision
 
         bb = with_precision(bb, args["precision"], paths[::7])
-    embedder = Embedder(bb)
-    embedder.embed_files(paths[:32])
-    elapsed = _timed(lambda: embedder.embed_files(paths))
+    if args.get("plain"):
+        plain_loop(str(bb.onnx_path), paths[:32])
+        elapsed = _timed(lambda: plain_loop(str(bb.onnx_path), paths))
+    else:
+        engine = args.get("engine", "auto")
+        embedder = Embedder(bb, engine=resolve(bf16_ok=bf16_offered(bb.id)) if engine == "auto"
+                            else Engine(*engine.split(":")))
+        embedder.embed_files(paths[:32])
+        elapsed = _timed(lambda: embedder.embed_files(paths))
     return {"img_s": len(paths) / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def plain_loop(onnx_path: str, paths, output: str = "embedding", batch: int = 32) -> None:
+    """The baseline: ONNX Runtime fp32, each file read, decoded and resized in turn, then batches of 32."""
+    import onnxruntime as ort
+
+    from cxrlab.embed import prepare, read_file
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[2]
+    for i in range(0, len(paths), batch):
+        arrays = [prepare(read_file(p), size, str(p))[0] for p in paths[i:i + batch]]
+        session.run([output], {"image": np.stack(arrays)[:, None]})
 
 
 def eager_rate(paths, backbone: str) -> float:
@@ -135,7 +163,12 @@ def in_subprocess(args: dict) -> dict:
 
 
 def cli_seconds(cmd: list[str]) -> float:
-    return _timed(lambda: subprocess.run([sys.executable, "-m", "cxrlab", *cmd], check=True, capture_output=True))
+    """Whole-process wall time; exit status 1 (an image refused) is an answer, not a failure."""
+    def run():
+        done = subprocess.run([sys.executable, "-m", "cxrlab", *cmd], capture_output=True)
+        if done.returncode not in (0, 1):
+            sys.exit(f"cxrlab {' '.join(cmd[:3])} ... failed: {done.stderr.decode()[-500:]}")
+    return _timed(run)
 
 
 def scale_run(n: int, tmp: Path) -> None:
@@ -154,7 +187,7 @@ def scale_run(n: int, tmp: Path) -> None:
     paths = [str(p) for p in sorted(folder.iterdir())]
     small = in_subprocess({"backbone": "efficientnet-lite0", "precision": "fp32", "paths": paths[:1000]})
     big = in_subprocess({"backbone": "efficientnet-lite0", "precision": "fp32", "paths": paths})
-    print(f"scale run (lite0 fp32, generated 256 px PNGs): peak RSS {small['rss_mb']:.0f} MB at 1,000 images, "
+    print(f"scale run (lite0, engine auto, generated 256 px PNGs): peak RSS {small['rss_mb']:.0f} MB at 1,000 images, "
           f"{big['rss_mb']:.0f} MB at {n:,} images ({big['img_s']:.0f} img/s)")
     bb = create_backbone("efficientnet-lite0")
     store = EmbeddingStore(tmp / "bn", bb.cache_key(), bb.spec.embed_dim)
@@ -170,7 +203,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("image_dir", nargs="?", default=str(DEFAULT_DIR))
     ap.add_argument("--backbones", default="efficientnet-lite0,inception-v3")
-    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--precisions", default="fp32,int8", help="graph precisions (int8: a quantised backbone)")
+    ap.add_argument("--engines", default="onnxruntime:fp32,openvino:fp32,openvino:bf16",
+                    help="runtime:precision pairs to run each graph on")
+    ap.add_argument("--model", help="also time `cxrlab predict` of this model directory (default: a head-only model "
+                                    "trained here)")
     ap.add_argument("--eager-images", type=int, default=64)
     ap.add_argument("--scale", type=int, default=0, help="also run the memory scale test on this many images")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -182,11 +219,18 @@ def main() -> None:
     paths = images(root)
     if not paths:
         sys.exit(f"no images under {root}")
+    from cxrlab.runtime import native_bf16
+
     peak = peak_gflops()
-    print(f"images: {len(paths)}; cores: {os.cpu_count()}; measured peak (SGEMM): {peak:.0f} GFLOP/s")
-    print(f"{'backbone':20} {'precision':9} {'img/s':>7} {'eager':>7} {'ratio':>6} {'GFLOP/img':>9} {'% peak':>7} {'RSS MB':>7}")
+    print(f"images: {len(paths)}; cores: {os.cpu_count()}; measured peak (SGEMM): {peak:.0f} GFLOP/s; "
+          f"native bf16: {'yes' if native_bf16() else 'no'}")
+    print(f"{'backbone':20} {'graph':5} {'engine':18} {'img/s':>7} {'x plain':>7} {'x eager':>7} {'GFLOP/img':>9} "
+          f"{'% peak':>7} {'RSS MB':>7}")
     from cxrlab.backbones import create_backbone
 
+    engines = a.engines.split(",")
+    if not native_bf16():
+        engines = [e for e in engines if not e.endswith(":bf16")]
     for backbone in a.backbones.split(","):
         eager = eager_rate(paths[: a.eager_images], backbone)
         gflop = model_gflop(str(create_backbone(backbone).onnx_path), 0)  # the fp32 graph's operations
@@ -198,18 +242,31 @@ def main() -> None:
                 try:  # quantise here, so that the worker's peak RSS is the embedding's alone
                     with_precision(create_backbone(backbone), precision, paths[::7])
                 except BackboneError as exc:
-                    print(f"{backbone:20} {precision:9} not offered: {exc}")
+                    print(f"{backbone:20} {precision:5} not offered: {exc}")
                     continue
-            r = in_subprocess({"backbone": backbone, "precision": precision, "paths": [str(p) for p in paths]})
-            share = 100 * r["img_s"] * gflop / peak
-            print(f"{backbone:20} {precision:9} {r['img_s']:7.1f} {eager:7.1f} {r['img_s'] / eager:5.1f}x "
-                  f"{gflop:9.2f} {share:6.1f}% {r['rss_mb']:7.0f}")
+            job = {"backbone": backbone, "precision": precision, "paths": [str(p) for p in paths]}
+            plain = in_subprocess({**job, "plain": True})
+            print(f"{backbone:20} {precision:5} {'plain ORT fp32 loop':18} {plain['img_s']:7.1f} {1:6.2f}x "
+                  f"{plain['img_s'] / eager:6.1f}x {gflop:9.2f} {100 * plain['img_s'] * gflop / peak:6.1f}% "
+                  f"{plain['rss_mb']:7.0f}")
+            for engine in engines:
+                r = in_subprocess({**job, "engine": engine})
+                print(f"{backbone:20} {precision:5} {engine:18} {r['img_s']:7.1f} {r['img_s'] / plain['img_s']:6.2f}x "
+                      f"{r['img_s'] / eager:6.1f}x {gflop:9.2f} {100 * r['img_s'] * gflop / peak:6.1f}% {r['rss_mb']:7.0f}")
     with tempfile.TemporaryDirectory() as tmp:
-        model = f"{tmp}/model"
-        train = ["train", str(root), "--output", model, "--bottleneck-dir", f"{tmp}/bn", "--quiet", "--no-report"]
+        model = a.model or f"{tmp}/model"
+        train = ["train", str(root), "--head-only", "--output", f"{tmp}/model", "--bottleneck-dir", f"{tmp}/bn",
+                 "--quiet", "--no-report"]
         subprocess.run([sys.executable, "-m", "cxrlab", *train], check=True, capture_output=True)
-        print(f"warm `cxrlab train` (all cache hits), whole process: {cli_seconds(train):.2f} s")
+        print(f"warm `cxrlab train --head-only` (all cache hits), whole process: {cli_seconds(train):.2f} s")
         print(f"cold `cxrlab predict` of one image, whole process: {cli_seconds(['predict', '--model', model, str(paths[0])]):.2f} s")
+        plain = _timed(lambda: in_subprocess({"plain_model": str(Path(model) / "model.onnx"),
+                                              "paths": [str(p) for p in paths]}))
+        for engine in (["--runtime", "onnxruntime", "--precision", "fp32"], []):
+            seconds = cli_seconds(["predict", "--model", model, *map(str, paths), "--format", "csv", *engine])
+            print(f"`cxrlab predict` of {len(paths)} images, whole process, {' '.join(engine) or 'engine auto'}: "
+                  f"{len(paths) / seconds:.1f} img/s, {plain / seconds:.2f}x a whole-process plain ONNX Runtime fp32 "
+                  f"loop over its model.onnx ({len(paths) / plain:.1f} img/s)")
         if a.scale:
             scale_run(a.scale, Path(tmp))
 

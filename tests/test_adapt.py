@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import cxrlab
+from cxrlab.runtime import REFERENCE, native_bf16
 from conftest import make_dataset
 from cxrlab.errors import DataError
 from cxrlab.finetune import FineTuneOptions
@@ -44,7 +45,10 @@ def test_label_free_adaptation_reestimates_batchnorm_and_records_the_parent(pare
     assert info["operating_point"] == parent_info["operating_point"]
     assert (tmp_path / "adapted" / "model.onnx").read_bytes() != (parent / "model.onnx").read_bytes()
     assert set(r.shift) == {"before", "after", "ks_distance"} and "mean_positive_score" in r.shift["after"]
+    # a changed network does not inherit its parent's bf16 parity check: without labels it runs in fp32
+    assert "bf16" not in info["runtime"] and "without labels" in info["runtime"]["bf16_not_checked"]
     model = cxrlab.load_model(tmp_path / "adapted")
+    assert model.engine == REFERENCE
     preds = model.predict([str(new_site)])
     # the site's own films are what the refitted shift reference calls like the training images
     assert sum(bool(p.shift) for p in preds) <= 2 and not any(p.ood for p in preds)
@@ -63,6 +67,8 @@ def test_labelled_adaptation_sets_the_site_operating_point_with_intervals(parent
     info = json.loads((tmp_path / "adapted" / "cxrlab.json").read_text())
     assert info["operating_point"]["threshold"] == op["threshold"]
     assert info["adapted"]["n_labelled"] == 48
+    if native_bf16():  # re-checked on the site's labelled films
+        assert info["runtime"]["bf16"]["data"] == "the site's labelled films" and info["runtime"]["bf16"]["n"] == 48
 
 
 def test_adapt_refuses_to_write_over_its_parent_and_too_few_images(parent, new_site, tmp_path):

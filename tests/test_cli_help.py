@@ -18,7 +18,7 @@ from cxrlab.training import TrainOptions
 
 SHARED = {  # option -> a value, for the options several commands share
     "--label-from-name": "nlm", "--group-regex": r"(?P<group>\d+)", "--positive-label": "abnormal",
-    "--backbone": "inception-v3", "--precision": "int8", "--seed": "7", "--output": "out", "--epochs": "3",
+    "--backbone": "inception-v3", "--precision": "fp32", "--seed": "7", "--output": "out", "--epochs": "3",
     "--ft": "lr=1e-4", "--trust-modified-model": None, "--fine-tune": None, "--no-ood": None, "--quiet": None,
     "--top-k": "2", "--image-dir": "lungs", "--how-many-training-steps": "50", "--testing-percentage": "20",
 }

@@ -95,6 +95,8 @@ def adapt(model: str | os.PathLike, images: str | os.PathLike, output: str | os.
     files.info["adapted"] = _provenance(model, parent, images, site, labels_of, layers, shift, op)
     if op is not None:
         files.info["operating_point"] = op
+    if layers:  # a changed network: the parent's bf16 parity check does not carry over
+        files.info["runtime"] = _adapted_runtime(files, site, labels_of if labelled else None)
     save_model(output, onnx_bytes=files.onnx_bytes, labels=files.labels, info=files.info, arrays=files.arrays)
     return AdaptResult(Path(output), images.resolve().name, len(site.arrays), len(labels_of) if labelled else 0,
                        layers, shift, op, site.skipped, notes + op_notes)
@@ -216,6 +218,24 @@ def _refit_gate(files: ModelFiles, scored: dict, seed: int) -> ModelFiles:
     arrays = {**files.arrays, **gate.arrays()}
     info = {**files.info, "ood": {**gate.info(), "data": "the adapted site's images (cross-fitted)"}}
     return ModelFiles(info, files.labels, files.onnx_bytes, arrays)
+
+
+def _adapted_runtime(files: ModelFiles, site: _Site, labels_of: dict | None) -> dict:
+    """cxrlab.json's ``runtime`` for the adapted network: its bf16 parity on the site's labelled films, or none
+    (so that it runs in fp32 by default)."""
+    from . import runtime
+
+    record = {k: v for k, v in (files.info.get("runtime") or {}).items() if k == "trained_with"}
+    if labels_of is None or not runtime.native_bf16():
+        record["bf16_not_checked"] = ("the network was adapted without labels" if labels_of is None
+                                      else "no native bf16 on the adapting machine")
+        return record
+    pos = files.labels.index(files.info["positive_label"])
+    op = files.info.get("operating_point") or {}
+    record["bf16"] = {**runtime.parity(files.onnx_bytes, site.arrays, np.array([labels_of[p] for p in site.paths]),
+                                       positive=pos, threshold=op.get("threshold")),
+                      "data": "the site's labelled films"}
+    return record
 
 
 def _site_operating_point(files: ModelFiles, site: _Site, after: dict, labels_of: dict, rule: str):

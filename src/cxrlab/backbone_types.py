@@ -93,12 +93,15 @@ class Backbone:
     def id(self) -> str:
         return self.spec.name
 
-    def cache_key(self) -> str:
-        """Identity of embeddings made by this backbone (cache namespace)."""
+    def cache_key(self, engine: dict | None = None) -> str:
+        """Identity of embeddings made by this backbone (cache namespace); ``engine``: the runtime and execution
+        precision when not the reference (ONNX Runtime fp32), whose vectors differ in their last bits."""
         ident = {"backbone": self.spec.name, "weights": self.weights_sha256, "export": EXPORT_VERSION,
                  "preprocessing": self.spec.preprocessing()}
         if self.precision != "fp32":
             ident.update(precision=self.precision, calibration=self.calibration_sha256)
+        if engine:
+            ident.update(engine=engine)
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -17,7 +17,7 @@ from ._version import __version__
 from .backbones import DEFAULT_BACKBONE
 from .errors import CxrlabError
 from .finetune.options import FineTuneOptions
-from .precision import PRECISIONS
+from .runtime import EXECUTION_PRECISIONS, RUNTIMES, TRAIN_PRECISIONS as PRECISIONS
 from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS, TrainOptions
 
 EPILOG = {
@@ -73,6 +73,15 @@ def add_flag(parser, name: str, *short: str, **kwargs):
 def add_model_options(p) -> None:
     add_flag(p, "model", "-m", required=True, metavar="MODEL_DIR", help="model folder written by 'cxrlab train'")
     add_trust_option(p)
+    add_runtime_option(p)
+    add_flag(p, "precision", default="auto", choices=EXECUTION_PRECISIONS,
+             help="auto: bf16 where this CPU has native bf16 and the model passed its bf16 parity check "
+                  "(cxrlab.json runtime.bf16), else fp32; bf16 runs on OpenVINO")
+
+
+def add_runtime_option(p) -> None:
+    add_flag(p, "runtime", default="auto", choices=RUNTIMES,
+             help="inference engine: auto = OpenVINO for bf16, else ONNX Runtime")
 
 
 def add_trust_option(p) -> None:
@@ -109,7 +118,9 @@ def add_backbone_option(p, default=DEFAULT_BACKBONE) -> None:
 
 def add_precision_option(p, default: str) -> None:
     add_flag(p, "precision", default=default, choices=PRECISIONS,
-          help="int8: quantised backbone, calibrated on training images")
+          help="auto: bf16 on a CPU with native bf16 for a backbone whose cross-validated AUC it kept, else fp32; "
+               "bf16 (OpenVINO); int8: quantised backbone, calibrated on training images, linear head only")
+    add_runtime_option(p)
 
 
 def add_seed_option(p, default: int) -> None:
@@ -236,7 +247,8 @@ def train_kwargs(a) -> dict:
                 robust_operating_point=a.robust_operating_point,
                 flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
                 random_brightness=a.random_brightness, ood=not a.no_ood, report=not a.no_report, seed=a.seed,
-                summaries_dir=a.summaries_dir, precision=a.precision, workers=a.workers, batch_size=a.batch_size,
+                summaries_dir=a.summaries_dir, precision=a.precision, runtime=a.runtime, workers=a.workers,
+                batch_size=a.batch_size,
                 **_fine_tune_args(a))
 
 
@@ -348,7 +360,7 @@ def load_model_arg(a):
     """The --model of a command, with its --trust-modified-model choice."""
     from .predict import load_model
 
-    return load_model(a.model, trust_modified=a.trust_modified_model)
+    return load_model(a.model, trust_modified=a.trust_modified_model, runtime=a.runtime, precision=a.precision)
 
 
 def run_predict(a) -> int:
@@ -425,7 +437,8 @@ def run_cv(a) -> int:
     ft = _fine_tune_args(a)
     r = cross_validate(a.image_dir if len(a.image_dir) > 1 else a.image_dir[0], by_site=a.by_site, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
-                       precision=a.precision, fine_tune=ft["fine_tune"], fine_tune_options=ft.get("fine_tune_options"))
+                       precision=a.precision, runtime=a.runtime, fine_tune=ft["fine_tune"],
+                       fine_tune_options=ft.get("fine_tune_options"))
     for row in r["folds"]:
         print(f"{'site ' + row['site'] if 'site' in row else 'fold ' + str(row['fold'])}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
               f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")
@@ -572,7 +585,7 @@ def run_serve(a) -> int:
                                  max_decode_mb=a.max_decode_mb, decode_budget_mb=a.decode_budget_mb,
                                  request_timeout=a.request_timeout)
     serve(a.model, host=a.host, port=a.port, allowed_hosts=a.allowed_host or (), trust_modified=a.trust_modified_model,
-          limits=limits)
+          limits=limits, runtime=a.runtime, precision=a.precision)
     return 0
 
 

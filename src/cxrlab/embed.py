@@ -1,4 +1,4 @@
-"""Embed: image files -> (n, d) float32 embeddings with ONNX Runtime, through the cache.
+"""Embed: image files -> (n, d) float32 embeddings (ONNX Runtime or OpenVINO, see runtime.py), through the cache.
 
 Worker threads read and hash each file; a cache hit is returned at once, a miss is decoded and
 resized in a small thread pool (Pillow and ONNX Runtime release the GIL) while the previous
@@ -21,6 +21,7 @@ from .cache import EmbeddingStore
 from .decode import DecodedImage, decode_image, read_image_bytes, resize
 from .errors import CxrlabError, ImageError
 from .progress import Progress, resolve
+from .runtime import REFERENCE, Engine, default_threads, make_session
 
 
 @dataclass(frozen=True)
@@ -37,23 +38,6 @@ class EmbedResult:
     skipped: list[SkippedFile] = field(default_factory=list)
     hits: int = 0
     misses: int = 0
-
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
-def make_session(onnx_path: str | os.PathLike | bytes, *, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    return ort.InferenceSession(source, so, providers=providers)
 
 
 def asset_session(path: Path, sha256: str, where: str, script: str, *, threads: int | None = None):
@@ -86,12 +70,18 @@ def prepare(data: bytes, size: int, name: str) -> tuple[np.ndarray, DecodedImage
 class Embedder:
     """Runs a backbone's ONNX graph over batches of images."""
 
-    def __init__(self, backbone: Backbone, *, batch_size: int = 32, workers: int | None = None, threads: int | None = None):
+    def __init__(self, backbone: Backbone, *, batch_size: int = 32, workers: int | None = None, threads: int | None = None,
+                 engine: Engine = REFERENCE):
         self.backbone = backbone
+        self.engine = engine
         self.size = backbone.spec.input_size
         self.batch_size = batch_size
         self.workers = workers or min(4, default_threads())
-        self.session = make_session(backbone.onnx_path, threads=threads)
+        self.session = make_session(backbone.onnx_path, threads=threads, engine=engine)
+
+    def cache_key(self) -> str:
+        """The cache namespace of this embedder's vectors: the backbone's, and the engine's unless it is the reference."""
+        return self.backbone.cache_key(None if self.engine == REFERENCE else self.engine.to_json())
 
     def run(self, batch: np.ndarray, outputs=("embedding",)) -> list[np.ndarray]:
         return self.session.run(list(outputs), {"image": batch[:, None, :, :]})
@@ -117,7 +107,7 @@ class Embedder:
         got = _Collected()
         batch: list[tuple[int, bytes, np.ndarray]] = []
         with ThreadPoolExecutor(self.workers) as pool:
-            loads = _in_order(pool, lambda path: self._load(path, store), paths, lookahead=2 * self.batch_size)
+            loads = in_order(pool, lambda path: self._load(path, store), paths, lookahead=2 * self.batch_size)
             for i, fut in loads:
                 try:
                     d, value, was_hit = fut.result()
@@ -162,7 +152,7 @@ class Embedder:
         batch.clear()
 
 
-def _in_order(pool: ThreadPoolExecutor, fn, items: list, *, lookahead: int):
+def in_order(pool: ThreadPoolExecutor, fn, items: list, *, lookahead: int):
     """Yield (index, future of fn(item)) in order, with at most ``lookahead`` submitted ahead (memory stays flat)."""
     in_flight: deque = deque()
     next_i = 0

@@ -64,13 +64,14 @@ def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def explain_array(model, array: np.ndarray, pixels: np.ndarray, name: str, decoded=None,
                   *, class_label: str | None = None) -> Heatmap:
-    pred = model.predict_arrays([array], [decoded] if decoded is not None else None, names=[name])[0]
+    maps: list = []
+    pred = model.predict_arrays([array], [decoded] if decoded is not None else None, names=[name], maps=maps)[0]
     if pred.ood:  # no scores, so no map of one: the picture is not a chest X-ray
         raise ImageError(name, f"not a chest X-ray: {pred.ood_reason}")
     label = class_label or pred.label or max(pred.scores, key=pred.scores.get)
     if label not in model.labels:
         raise DataError(f"unknown class {label!r}; the model's classes are {', '.join(model.labels)}")
-    cam = class_activation_map(model, array, model.labels.index(label))
+    cam = normalise(maps[0][model.labels.index(label)])
     return Heatmap(name, label, pred.scores[label], cam, upsample(cam, pixels.shape))
 
 
@@ -130,12 +131,15 @@ def shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:
     return pixels if scale >= 1 else resize(pixels, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
-def prediction_overlay_png(model, array: np.ndarray, pixels: np.ndarray, pred, *, max_side: int = 512) -> bytes:
-    """Overlay for a prediction already made on ``array``: one extra pass for the class maps.
+def prediction_overlay_png(model, array: np.ndarray, pixels: np.ndarray, pred, *, max_side: int = 512,
+                           maps: np.ndarray | None = None) -> bytes:
+    """Overlay for a prediction already made on ``array``; its class ``maps`` (C, h, w) from the same pass
+    (``Model.predict_arrays(maps=...)``), or None for one extra pass.
 
     Drawn at most ``max_side`` pixels wide: a 3000 px original would be slow and heavy."""
     label = pred.label or max(pred.scores, key=pred.scores.get)
-    cam = class_activation_map(model, array, model.labels.index(label))
+    cam = (class_activation_map(model, array, model.labels.index(label)) if maps is None
+           else normalise(maps[model.labels.index(label)]))
     small = shrink(pixels, max_side)
     return overlay_png(Heatmap(pred.path, label, pred.scores[label], cam, upsample(cam, small.shape)), small)
 
@@ -147,10 +151,11 @@ def heatmap_png(model, data: bytes, name: str, *, max_side: int = 512) -> bytes 
         array, img = _load(model, data, name)
     except ImageError:
         return None
-    pred = model.predict_arrays([array], [img], names=[name])[0]
+    maps: list = []
+    pred = model.predict_arrays([array], [img], names=[name], maps=maps)[0]
     if pred.ood:
         return None
-    return prediction_overlay_png(model, array, img.pixels, pred, max_side=max_side)
+    return prediction_overlay_png(model, array, img.pixels, pred, max_side=max_side, maps=maps[0])
 
 
 HEATMAP_SUFFIXES = (".png", ".npy")

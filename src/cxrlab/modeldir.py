@@ -71,7 +71,8 @@ def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[
 
 def model_info(*, labels: list[str], positive_label: str | None, backbone, head: dict, calibration: dict,
                operating_point: dict | None, split: dict, training_data: dict, seed: int, flags: dict, metrics: dict,
-               fine_tune: dict | None = None, ood: dict | None = None, chest_check: dict | None = None) -> dict:
+               fine_tune: dict | None = None, ood: dict | None = None, chest_check: dict | None = None,
+               runtime: dict | None = None) -> dict:
     """cxrlab.json's content (save_model adds schema, labels, file digests): the one place its layout is defined."""
     info = {
         "created_by": f"cxrlab {__version__}",
@@ -97,6 +98,8 @@ def model_info(*, labels: list[str], positive_label: str | None, backbone, head:
         info["ood"] = ood
     if chest_check is not None:
         info["chest_check"] = chest_check
+    if runtime is not None:
+        info["runtime"] = runtime
     return info
 
 

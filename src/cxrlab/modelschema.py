@@ -197,6 +197,20 @@ CHEST_CHECK = {
     "training_accepted": Field(UNIT),
     "network": Field(flag),
 }
+ENGINE = {"runtime": Field(text(("onnxruntime", "openvino")), required=True),
+          "precision": Field(text(("fp32", "bf16")), required=True)}
+PARITY = {
+    "ok": Field(flag, required=True),
+    "n": Field(integer(0)),
+    "auc_fp32": Field(number(0.0, 1.0), nullable=True),
+    "auc_bf16": Field(number(0.0, 1.0), nullable=True),
+    "auc_change": Field(number(), nullable=True),
+    "max_score_change": Field(number(0.0)),
+    "decisions_changed": Field(integer(0)),
+    "data": Field(text()),
+}
+RUNTIME = {"trained_with": Field(mapping(ENGINE)), "bf16": Field(mapping(PARITY), nullable=True),
+           "bf16_not_checked": Field(text())}
 METRICS = {"test": Field(ANY_OBJECT, nullable=True), "n": Field(ANY_OBJECT)}
 
 INFO = {
@@ -208,6 +222,7 @@ INFO = {
     "calibration": Field(mapping(CALIBRATION), nullable=True),
     "ood": Field(mapping(OOD), nullable=True),
     "chest_check": Field(mapping(CHEST_CHECK), nullable=True),
+    "runtime": Field(mapping(RUNTIME)),
     "task": Field(text(("classification",))),
     "created_by": Field(text()),
     "seed": Field(integer(0)),

@@ -20,8 +20,9 @@ import numpy as np
 
 from .backbones import Backbone, cache_dir
 from .errors import BackboneError
+from .runtime import TRAIN_PRECISIONS
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = TRAIN_PRECISIONS  # bf16 and auto: the engine's (runtime.py); int8: the graph's
 AUC_TOLERANCE = 0.005
 
 # Shenzhen, 5-fold `cxrlab cv` (same folds), mean AUC fp32 -> int8. int8 is offered only where the
@@ -93,7 +94,7 @@ def with_precision(backbone: Backbone, precision: str, calibration_paths, *, n_c
 
     if precision not in PRECISIONS:
         raise BackboneError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    if precision != "int8":
         return backbone
     if not int8_offered(backbone.id):
         measured = INT8_AUC.get(backbone.id)

@@ -1,9 +1,10 @@
-"""Predict: a model directory + image files -> predictions. Needs only ONNX Runtime and numpy."""
+"""Predict: a model directory + image files -> predictions, on ONNX Runtime or OpenVINO (runtime.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from PIL import Image
 
 from .decode import DecodedImage, decode_array, decode_pil, resize
 from .discover import walk_images
-from .embed import make_session, prepare, read_file
+from .embed import in_order, make_session, prepare, read_file
 from .errors import DataError, ImageError, ModelDirError
 from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files
 from .modelschema import INPUT_SIZE_RANGE, Invalid, show
 from .modelschema import labels as check_labels
+from .runtime import default_threads
 
 
 @dataclass
@@ -59,19 +61,26 @@ class Model:
     Loading refuses a directory whose files differ from their SHA-256 record, whose cxrlab.json holds
     an invalid value, or whose labels disagree with the ones stored in model.onnx at training time.
     ``trust_modified=True`` loads a modified directory anyway (with a warning on stderr); every value
-    is still validated.
+    is still validated. ``runtime`` / ``precision`` choose the engine (``cxrlab.runtime.resolve``): by default
+    bf16 on OpenVINO where this CPU has native bf16 and the model passed its bf16 parity check, else ONNX
+    Runtime fp32; ``self.engine`` says which.
     """
 
     def __init__(self, directory: str | os.PathLike, *, threads: int | None = None, trust_modified: bool = False,
+                 runtime: str = "auto", precision: str = "auto",
                  _loaded: ModelFiles | None = None, _sources: tuple[str, str] | None = None):
+        from . import runtime as runtimes
+
         self.directory = Path(directory)
         files = _loaded or load_model_files(self.directory, trust_modified=trust_modified)
         self.info, self.labels = files.info, files.labels
         graph_name, labels_name = _sources or (str(self.directory / MODEL_FILE), str(self.directory / LABELS_FILE))
+        bf16 = (self.info.get("runtime") or {}).get("bf16") or {}
+        self.engine = runtimes.resolve(runtime, precision, bf16_ok=bool(bf16.get("ok")))
         try:
-            self.session = make_session(files.onnx_bytes, threads=threads)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelDirError(f"{graph_name}: ONNX Runtime cannot load it ({exc})") from None
+            self.session = make_session(files.onnx_bytes, threads=threads, engine=self.engine)
+        except Exception as exc:  # onnxruntime and openvino raise their own untyped errors
+            raise ModelDirError(f"{graph_name}: {self.engine.runtime} cannot load it ({exc})") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_size = int(self.info["backbone"]["input_size"])
         _check_graph(self.session, self.labels, self.input_size, graph_name, labels_name)
@@ -92,13 +101,16 @@ class Model:
                                          embed_dim=_static_dim(self.session, "embedding"))
 
     @classmethod
-    def from_files(cls, files: ModelFiles, *, threads: int | None = None) -> "Model":
+    def from_files(cls, files: ModelFiles, *, threads: int | None = None, runtime: str = "auto",
+                   precision: str = "auto") -> "Model":
         """A model held in memory (verified or just built, e.g. by ``cxrlab adapt`` before it is written)."""
-        return cls(".", threads=threads, _loaded=files, _sources=("<model in memory>", "<labels in memory>"))
+        return cls(".", threads=threads, runtime=runtime, precision=precision, _loaded=files,
+                   _sources=("<model in memory>", "<labels in memory>"))
 
     @classmethod
     def from_graph(cls, graph: str | os.PathLike, labels_file: str | os.PathLike, *,
-                   trust_modified: bool = False, threads: int | None = None) -> "Model":
+                   trust_modified: bool = False, threads: int | None = None, runtime: str = "auto",
+                   precision: str = "auto") -> "Model":
         """A bare ONNX file + labels file (the tutorial's --graph/--labels), without cxrlab.json.
 
         If ``graph`` was written by ``retrain``, its full model directory sits beside it
@@ -116,7 +128,7 @@ class Model:
         labels = [line.strip() for line in text.splitlines() if line.strip()]
         sibling = graph.with_name(graph.stem + ".cxrlab")
         if (sibling / MODEL_FILE).is_file() and (sibling / MODEL_FILE).read_bytes() == data:
-            model = cls(sibling, trust_modified=trust_modified, threads=threads)
+            model = cls(sibling, trust_modified=trust_modified, threads=threads, runtime=runtime, precision=precision)
             _same_labels(labels, model.labels, labels_file, str(sibling))
             return model
         try:
@@ -124,7 +136,7 @@ class Model:
         except Invalid as e:
             raise ModelDirError(f"{labels_file}: the labels {e.message}") from None
         info = {"labels": labels, "backbone": {"input_size": _graph_input_size(data, graph)}}
-        return cls(graph.parent, threads=threads, _loaded=ModelFiles(info, labels, data),
+        return cls(graph.parent, threads=threads, runtime=runtime, precision=precision, _loaded=ModelFiles(info, labels, data),
                    _sources=(str(graph), str(labels_file)))
 
     # -- low level: arrays in, raw outputs out
@@ -144,13 +156,23 @@ class Model:
         return self.labels[int(np.argmax(probs))], None
 
     def predict_arrays(self, arrays: list[np.ndarray], decoded: list[DecodedImage | None] | None = None,
-                       *, ood: bool = True, names: list[str] | None = None) -> list[Prediction]:
-        """``ood``: refuse what is not a frontal chest X-ray (no scores) and flag films unlike the training images."""
+                       *, ood: bool = True, names: list[str] | None = None, verdicts: list | None = None,
+                       maps: list | None = None) -> list[Prediction]:
+        """``ood``: refuse what is not a frontal chest X-ray (no scores) and flag films unlike the training images;
+        ``verdicts``: the chest check's, when already made (from ``decoded``, which is then not needed);
+        ``maps``: a list that receives each image's class maps (C, h, w) from the same pass through the network
+        (None for a refused image), for heatmaps without a second pass."""
         names = names or [f"image{i}" for i in range(len(arrays))]
-        verdicts = self.chest_verdicts(arrays, decoded) if ood else [None] * len(arrays)
+        if verdicts is None:
+            verdicts = self.chest_verdicts(arrays, decoded) if ood else [None] * len(arrays)
         kept = [i for i, v in enumerate(verdicts) if v is None or v.chest]
-        out = self.run(np.stack([arrays[i] for i in kept]), ["probabilities", "embedding"]) if kept else {}
+        wanted = ["probabilities", "embedding", *(["class_maps"] if maps is not None else [])]
+        out = self.run(np.stack([arrays[i] for i in kept]), wanted) if kept else {}
         row = {i: r for r, i in enumerate(kept)}
+        if maps is not None:
+            if kept and "class_maps" not in out:
+                raise ModelDirError(f"{self.directory}: model.onnx has no 'class_maps' output (retrain with this cxrlab)")
+            maps.extend(out["class_maps"][row[i]] if i in row else None for i in range(len(arrays)))
         cutoff = round(1 - float(self.chest_check["threshold"]), 4) if self.chest_check else None
         preds = []
         for i, name in enumerate(names):
@@ -217,26 +239,33 @@ class Model:
             raise DataError(f"predict: batch_size must be a whole number of at least 1, got {batch_size!r}")
         items = _input_items(images)
         results: list[Prediction] = []
-        for start in range(0, len(items), batch_size):
-            results.extend(self._predict_items(items[start : start + batch_size], ood))
+        batch: list[tuple[str, np.ndarray | None, object]] = []
+        # Decoding (and the chest check, which needs the full decoded image) runs in worker threads, one batch
+        # ahead of the network; only the network's small inputs are kept, so memory stays flat.
+        with ThreadPoolExecutor(min(4, default_threads())) as pool:
+            for _, future in in_order(pool, lambda item: self._prepare_item(item, ood), items, lookahead=batch_size):
+                batch.append(future.result())
+                if len(batch) == batch_size:
+                    results.extend(self._predict_prepared(batch, ood))
+                    batch = []
+            if batch:
+                results.extend(self._predict_prepared(batch, ood))
         return results
 
-    def _predict_items(self, items: list[tuple[str, object]], ood: bool) -> list[Prediction]:
-        preds: list[Prediction | None] = [None] * len(items)
-        arrays, decoded, names, slots = [], [], [], []
-        for j, (name, source) in enumerate(items):
-            try:
-                arr, img = self._prepare(source, name)
-            except ImageError as exc:
-                preds[j] = Prediction(name, error=exc.reason)
-                continue
-            arrays.append(arr)
-            decoded.append(img)
-            names.append(name)
-            slots.append(j)
-        for j, pred in zip(slots, self.predict_arrays(arrays, decoded, ood=ood, names=names)):
-            preds[j] = pred
-        return preds
+    def _prepare_item(self, item: tuple[str, object], ood: bool) -> tuple[str, np.ndarray | None, object]:
+        """(name, network input, chest verdict) of one image, or (name, None, why it cannot be used)."""
+        name, source = item
+        try:
+            arr, img = self._prepare(source, name)
+        except ImageError as exc:
+            return name, None, exc.reason
+        return name, arr, self.chest_verdicts([arr], [img])[0] if ood else None
+
+    def _predict_prepared(self, batch: list[tuple[str, np.ndarray | None, object]], ood: bool) -> list[Prediction]:
+        usable = [(name, arr, verdict) for name, arr, verdict in batch if arr is not None]
+        preds = iter(self.predict_arrays([a for _, a, _ in usable], ood=ood, names=[n for n, _, _ in usable],
+                                         verdicts=[v for _, _, v in usable]) if usable else [])
+        return [next(preds) if arr is not None else Prediction(name, error=why) for name, arr, why in batch]
 
     def _prepare(self, source, name: str) -> tuple[np.ndarray, DecodedImage]:
         """The network's (size, size) input and the decoded image, from a path or an image in memory."""
@@ -260,7 +289,8 @@ def _chest_info() -> dict:
     return info()
 
 
-def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, threads: int | None = None) -> Model:
+def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, threads: int | None = None,
+               runtime: str = "auto", precision: str = "auto") -> Model:
     """Load a model directory written by :func:`cxrlab.train`.
 
     Parameters
@@ -271,7 +301,12 @@ def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, th
         Load a directory whose files differ from their SHA-256 record anyway, with a warning on
         stderr (CLI ``--trust-modified-model``); every value is still validated.
     threads : int or None
-        ONNX Runtime intra-op threads. None: one per core.
+        Inference threads. None: one per core.
+    runtime : str
+        ``"auto"``, ``"openvino"`` or ``"onnxruntime"`` (see :func:`cxrlab.runtime.resolve`).
+    precision : str
+        ``"auto"`` (bf16 where this CPU has it natively and the model passed its bf16 parity check on its test
+        split, recorded in cxrlab.json under ``runtime.bf16``; else fp32), ``"fp32"`` or ``"bf16"``.
 
     Returns
     -------
@@ -283,7 +318,7 @@ def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, th
     cxrlab.ModelDirError
         When the directory is missing, modified (without ``trust_modified``), or holds an invalid value.
     """
-    return Model(directory, trust_modified=trust_modified, threads=threads)
+    return Model(directory, trust_modified=trust_modified, threads=threads, runtime=runtime, precision=precision)
 
 
 def _input_items(images) -> list[tuple[str, object]]:

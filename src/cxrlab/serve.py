@@ -259,21 +259,22 @@ class _Uploads:
         try:
             img = decode_image(data, name=name, max_pixels=self.lim.max_pixels, min_size=model.input_size)
             array = resize(img.pixels, model.input_size)
-            pred = model.predict_arrays([array], [img], names=[name])[0]
+            maps: list | None = [] if want_heatmap and self.heatmapper is not None else None
+            pred = model.predict_arrays([array], [img], names=[name], maps=maps)[0]
         except ImageError as exc:
             raise _Reject(422, f"{name}: {exc.reason}") from None
         finally:
             if heavy:
                 _trim_heap()
-        heatmap = self.heatmap(array, img, pred, name) if want_heatmap and not pred.ood else None
+        heatmap = self.heatmap(array, img, pred, name, maps[0]) if maps and not pred.ood else None
         return _prediction_result(model, name, pred, heatmap)
 
-    def heatmap(self, array, img, pred, name: str) -> str | None:
+    def heatmap(self, array, img, pred, name: str, maps=None) -> str | None:
         """The heatmap overlay as base64 PNG, or None (no explain module, or it failed)."""
         if self.heatmapper is None:
             return None
         try:
-            png = self.heatmapper(self.model, array, img.pixels, pred)
+            png = self.heatmapper(self.model, array, img.pixels, pred, maps=maps)
             return base64.b64encode(png).decode("ascii") if png else None
         except Exception:  # a failed explanation must not cost the prediction
             log.exception("heatmap failed for %s", name)
@@ -330,7 +331,7 @@ def _add_predict_route(app: FastAPI, uploads: _Uploads) -> None:
 
 
 def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool = False,
-               limits: ServeLimits | None = None) -> FastAPI:
+               limits: ServeLimits | None = None, runtime: str = "auto", precision: str = "auto") -> FastAPI:
     """The web app (page and JSON API) for one model.
 
     Parameters
@@ -344,6 +345,8 @@ def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool =
     limits : ServeLimits, optional
         What the server accepts (upload and request sizes, decode memory, timeouts, parallelism);
         default: ``ServeLimits()``.
+    runtime, precision : str
+        The inference engine of a model directory loaded here (see :func:`cxrlab.load_model`).
     """
     lim = ServeLimits() if limits is None else limits
     hosts = _answered_hosts(allowed_hosts)
@@ -351,7 +354,8 @@ def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool =
     # run gets one thread: threads per run on top oversubscribe the cores (benchmarks/serve.py, 2 CPUs,
     # 8 concurrent: 47 -> 69 req/s, p50 163 -> 108 ms; unchanged one request at a time).
     model = (model_dir_or_model if isinstance(model_dir_or_model, Model)
-             else Model(model_dir_or_model, threads=1, trust_modified=trust_modified))
+             else Model(model_dir_or_model, threads=1, trust_modified=trust_modified, runtime=runtime,
+                        precision=precision))
     uploads = _Uploads(model, lim)
     app = FastAPI(title="cxrlab", description=f"Chest X-ray classifier. {DISCLAIMER} Intended use: {INTENDED_USE}.",
                   docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None, **_form_limits())
@@ -435,7 +439,7 @@ def server_config(app, *, host: str, port: int | None = None, header_timeout_s: 
 
 
 def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(), trust_modified: bool = False,
-          limits: ServeLimits | None = None) -> None:
+          limits: ServeLimits | None = None, runtime: str = "auto", precision: str = "auto") -> None:
     """Load a model directory and serve it with uvicorn until interrupted.
 
     Parameters
@@ -453,6 +457,8 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts
     limits : ServeLimits, optional
         What the server accepts, and its header timeout; default: ``ServeLimits()``. The options are
         checked before the model is loaded.
+    runtime, precision : str
+        The inference engine (see :func:`cxrlab.load_model`).
     """
     import uvicorn
 
@@ -463,7 +469,8 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts
         raise ServeConfigError(f"serve: --allowed-host {exc}") from None
     if not 0 <= port <= 65535:
         raise ServeConfigError(f"serve: --port must be 0..65535, got {port}")
-    app = create_app(model_dir, allowed_hosts=hosts, trust_modified=trust_modified, limits=lim)
+    app = create_app(model_dir, allowed_hosts=hosts, trust_modified=trust_modified, limits=lim, runtime=runtime,
+                     precision=precision)
     if ANY_HOST not in hosts and is_wildcard(host) and not allowed_hosts:
         log.warning("serving on all interfaces, but only the Host names %s are answered; "
                     "add --allowed-host NAME for the names clients use", ", ".join(sorted(hosts)))

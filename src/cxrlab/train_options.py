@@ -60,7 +60,8 @@ class TrainOptions:
     fine_tune_options: FineTuneOptions | None = None  # None: FineTuneOptions(epochs=epochs)
     on_epoch: Callable[[dict], None] | None = None
     summaries_dir: str | os.PathLike | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
+    runtime: str = "auto"
     workers: int | None = None
     batch_size: int = 32
 
@@ -72,7 +73,7 @@ class TrainOptions:
             return bool(self.fine_tune), None
         if not can_fine_tune(self.backbone):
             return False, f"backbone {self.backbone} cannot be fine-tuned: trained the linear head only"
-        if self.precision != "fp32":
+        if self.precision == "int8":
             return False, f"--precision {self.precision} quantises a frozen backbone: trained the linear head only"
         return True, None
 
@@ -82,6 +83,14 @@ class TrainOptions:
 
         return HeadOptions(self.solver, self.how_many_training_steps, self.learning_rate, self.train_batch_size,
                            self.eval_step_interval, self.validation_batch_size)
+
+    def engine(self):
+        """The engine that embeds (and so measures) this run: ``runtime`` and ``precision`` resolved on this machine
+        (bf16 by default only for a backbone whose cross-validated AUC it kept, runtime.BF16_AUC)."""
+        from . import runtime
+
+        execution = "auto" if self.precision == "int8" else self.precision
+        return runtime.resolve(self.runtime, execution, bf16_ok=runtime.bf16_offered(self.backbone))
 
     def distortions(self) -> dict:
         return {"flip_left_right": self.flip_left_right, "random_crop": self.random_crop,

@@ -19,7 +19,7 @@ from .cache import EmbeddingStore
 from .calibrate import Calibrated, calibrate_and_threshold, check_calibration, softmax
 from .discover import Dataset, discover_sites
 from .embed import Embedder, SkippedFile
-from .errors import DataError
+from .errors import DataError, ImageError
 from .fit import Fit, Splits, fit_linear
 from .graph import fuse_head
 from .head import StepInfo
@@ -98,6 +98,7 @@ def train(
     on_epoch: Callable[[dict], None] | None = _DEFAULT.on_epoch,
     summaries_dir: str | os.PathLike | None = _DEFAULT.summaries_dir,
     precision: str = _DEFAULT.precision,
+    runtime: str = _DEFAULT.runtime,
     workers: int | None = _DEFAULT.workers,
     batch_size: int = _DEFAULT.batch_size,
 ) -> TrainResult:
@@ -196,11 +197,17 @@ def train(
     summaries_dir : str, os.PathLike or None
         Also write TensorBoard scalars here (needs the ``tensorboard`` package).
     precision : str
-        ``"fp32"``, or ``"int8"`` for a quantised backbone calibrated on training images.
+        ``"auto"`` (bf16 on a CPU with native bf16 for a backbone whose cross-validated AUC it kept, else fp32),
+        ``"fp32"``, ``"bf16"`` (OpenVINO; refused on a CPU without native bf16), or ``"int8"`` for a quantised
+        backbone calibrated on training images (linear head only).
+    runtime : str
+        The engine that embeds the images: ``"auto"`` (OpenVINO for bf16, else ONNX Runtime), ``"openvino"`` or
+        ``"onnxruntime"``. cxrlab.json records it (``runtime.trained_with``) with a bf16 parity check of the saved
+        model on the test split (``runtime.bf16``), which decides whether predict runs it in bf16 by default.
     workers : int or None
         Decoding threads. None: up to 4, one per core.
     batch_size : int
-        Images per ONNX Runtime batch while embedding.
+        Images per inference batch while embedding.
 
     Returns
     -------
@@ -243,6 +250,9 @@ def train(
     chest_check = _chest_check(image_dir, splits.validation + splits.test, fit.backbone.spec.input_size, notes) \
         if o.ood else None
     arrays = {**(gate.arrays() if gate else {}), **_network_arrays(fit, cal)}
+    onnx_bytes = fuse_head(fit.backbone.onnx_path, cal.head.coef_, cal.head.intercept_, temperature=cal.temperature,
+                           metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
+    runtime_record = _runtime_record(onnx_bytes, fit, cal, splits, image_dir, positive, labels)
     info = model_info(
         labels=labels, positive_label=positive, backbone=fit.backbone, head=fit.head_info,
         calibration=cal.calibration_info, operating_point=cal.operating_point_info,
@@ -251,9 +261,7 @@ def train(
                "group_regex": o.group_regex, "label_from_name": o.label_from_name},
         training_data=_training_data(dataset, len(frozen.skipped)),
         seed=o.seed, flags=o.flags(), metrics=metrics, fine_tune=fit.fine_tune_info, ood=gate.info() if gate else None,
-        chest_check=chest_check)
-    onnx_bytes = fuse_head(fit.backbone.onnx_path, cal.head.coef_, cal.head.intercept_, temperature=cal.temperature,
-                           metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
+        chest_check=chest_check, runtime=runtime_record)
     if run_dir != model_dir:
         claim(run_dir, "train", files=(model_dir.name, *RUN_FILES), inputs=inputs)
     save_model(model_dir, onnx_bytes=onnx_bytes, labels=labels, info=info, arrays=arrays)
@@ -277,6 +285,31 @@ def train(
         if "heatmaps" in written:
             result.metrics["heatmaps"] = written["heatmaps"]
     return result
+
+
+def _runtime_record(onnx_bytes: bytes, fit: Fit, cal: Calibrated, splits: Splits, image_dir: Path,
+                    positive: str | None, labels: list[str]) -> dict:
+    """cxrlab.json's ``runtime``: the engine the figures were measured with, and the saved model's bf16 parity on
+    the test split (run in bf16 by default only where it passed)."""
+    from . import runtime
+    from .embed import prepare, read_file
+
+    record = {"trained_with": fit.embedder.engine.to_json()}
+    if not runtime.native_bf16():
+        record["bf16_not_checked"] = "no native bf16 on the training machine" if runtime.openvino_installed() \
+            else "OpenVINO is not installed"
+        return record
+    arrays, y = [], []
+    for r in splits.test:
+        try:
+            arrays.append(prepare(read_file(image_dir / r.relpath), fit.backbone.spec.input_size, r.relpath)[0])
+            y.append(splits.label_index[r.label])
+        except ImageError:
+            continue
+    pos = labels.index(positive) if positive is not None else None
+    record["bf16"] = runtime.parity(onnx_bytes, arrays, np.asarray(y), positive=pos,
+                                    threshold=cal.operating_point_info["threshold"] if cal.operating_point_info else None)
+    return record
 
 
 def _network_arrays(fit: Fit, cal: Calibrated) -> dict[str, bytes]:
@@ -315,13 +348,13 @@ class Embedded:
 def embed_images(image_dir: Path, entries, o: TrainOptions, *, calibration_rows) -> Embedded:
     """Embed ``entries`` with ``o.backbone`` at ``o.precision`` (int8 calibrated on ``calibration_rows``)."""
     bb = create_backbone(o.backbone)
-    if o.precision != "fp32":
+    if o.precision == "int8":
         from .precision import with_precision
 
         bb = with_precision(bb, o.precision, [image_dir / e.relpath for e in calibration_rows])
+    embedder = Embedder(bb, batch_size=o.batch_size, workers=o.workers, engine=o.engine())
     store = EmbeddingStore(Path(o.bottleneck_dir) if o.bottleneck_dir else cache_dir() / "embeddings",
-                           bb.cache_key(), bb.spec.embed_dim)
-    embedder = Embedder(bb, batch_size=o.batch_size, workers=o.workers)
+                           embedder.cache_key(), bb.spec.embed_dim)
     emb = embedder.embed_files([image_dir / e.relpath for e in entries], store=store, progress=o.progress)
     rel = [Path(p).relative_to(image_dir).as_posix() for p in emb.paths]
     return Embedded(bb, embedder, store, dict(zip(rel, emb.vectors)), dict(zip(rel, emb.digests)), emb.skipped,
@@ -337,7 +370,8 @@ def fit_and_calibrate(image_dir: Path, splits: Splits, frozen: Embedded, o: Trai
         from .finetune import FineTuneOptions, fine_tune_stage
 
         fit = fine_tune_stage(frozen.backbone, image_dir, splits, options=o.fine_tune_options or FineTuneOptions(
-            epochs=o.epochs), seed=o.seed, progress=o.progress, on_epoch=o.on_epoch, on_step=o.on_step)
+            epochs=o.epochs), seed=o.seed, progress=o.progress, on_epoch=o.on_epoch, on_step=o.on_step,
+            engine=frozen.embedder.engine)
         if any(o.distortions().values()):
             fit.notes.append("fine-tuning uses its own augmentation (--ft augment.*); "
                              "the tutorial's distortion flags were ignored")
@@ -424,7 +458,6 @@ def _chest_check(image_dir: Path, rows, input_size: int, notes: list[str]) -> di
     frontal chest films, and refusing them helps no one."""
     from .chest import check, info
     from .decode import decode_image
-    from .errors import ImageError
 
     sample = rows[:: max(1, len(rows) // CHEST_CHECK_IMAGES)][:CHEST_CHECK_IMAGES]
     pictures = []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .checks import option_message, check_choice, check_float, check_int
 from .errors import DataError
+from .runtime import RUNTIMES, TRAIN_PRECISIONS as PRECISIONS
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn accept seeds in [0, 2**32)
 MIN_FREE_BYTES = 1  # an output on a device with no free byte at all fails up front
@@ -218,14 +219,15 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
                     train_batch_size, eval_step_interval, validation_batch_size, test_batch_size, positive_label,
                     operating_point, calibration, random_crop, random_scale, random_brightness, distortion_copies,
                     seed, fine_tune, epochs, fine_tune_options, summaries_dir, precision, workers, batch_size,
-                    **_callbacks_and_flags) -> None:
+                    runtime="auto", **_callbacks_and_flags) -> None:
     """Every argument of :func:`cxrlab.training.train` that can be wrong, checked before any work."""
     from .calibrate import parse_operating_point
 
     check_image_inputs("IMAGE_DIR", image_dir)
     check_backbone(backbone)
     check_choice("--solver", solver, ("lbfgs", "sgd"))
-    check_choice("--precision", precision, ("fp32", "int8"))
+    check_choice("--precision", precision, PRECISIONS)
+    check_choice("--runtime", runtime, RUNTIMES)
     if calibration not in ("auto", "temperature", "platt", "none"):
         raise DataError(f"unknown calibration {calibration!r}; use auto, temperature, platt or none")
     check_percentages(validation_percentage, testing_percentage)
@@ -287,7 +289,7 @@ def _check_split_file(split_file) -> None:
 
 
 def cv_arguments(*, image_dir, folds, backbone, group_regex, positive_label, operating_point, bottleneck_dir, seed,
-                 precision, fine_tune=False, fine_tune_options=None, **_rest) -> None:
+                 precision, fine_tune=False, fine_tune_options=None, runtime="auto", **_rest) -> None:
     """Every argument of :func:`cxrlab.crossval.cross_validate` that can be wrong, checked before any work."""
     from .calibrate import parse_operating_point
 
@@ -299,7 +301,8 @@ def cv_arguments(*, image_dir, folds, backbone, group_regex, positive_label, ope
         raise DataError(f"--positive-label must be a class name, got {positive_label!r}")
     parse_operating_point(operating_point)
     check_seed(seed)
-    check_choice("--precision", precision, ("fp32", "int8"))
+    check_choice("--precision", precision, PRECISIONS)
+    check_choice("--runtime", runtime, RUNTIMES)
     if fine_tune is not False:
         _check_fine_tune(backbone, fine_tune_options, epochs=None, required=bool(fine_tune))
     if bottleneck_dir is not None:

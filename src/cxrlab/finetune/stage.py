@@ -55,8 +55,9 @@ def load_arrays(paths, size: int) -> tuple[np.ndarray, list[int]]:
 
 def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOptions, seed: int = 0,
                     progress: Progress | None = None, on_epoch: Callable[[dict], None] | None = None,
-                    on_step: Callable[[StepInfo], None] | None = None) -> Fit:
-    """Fine-tune ``bb`` on the train split (best epoch on validation), export it, embed every image through it."""
+                    on_step: Callable[[StepInfo], None] | None = None, engine=None) -> Fit:
+    """Fine-tune ``bb`` on the train split (best epoch on validation), export it, embed every image through it
+    (on ``engine``, a runtime.Engine; None: the reference, ONNX Runtime fp32)."""
     from ..backbones import Backbone, cache_dir, weights_path
     from ..embed import Embedder
     from ..fsutil import atomic_write_bytes
@@ -74,7 +75,7 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
     path = cache_dir() / "finetuned" / f"{spec.name}-ft-{sha[:16]}.onnx"
     atomic_write_bytes(path, export_onnx(exported, size, bb.outputs))
     new_bb = Backbone(replace(spec, weights_sha256=sha, builder=None), path, sha, bb.outputs)
-    embedder = Embedder(new_bb)
+    embedder = Embedder(new_bb, **({"engine": engine} if engine is not None else {}))
     rows = splits.train + splits.validation + splits.test
     emb = embedder.embed_files([image_dir / r.relpath for r in rows], store=None, progress=progress)
     vectors = {Path(p).relative_to(image_dir).as_posix(): v for p, v in zip(emb.paths, emb.vectors)}
