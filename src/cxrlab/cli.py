@@ -334,7 +334,7 @@ def _show_progress(n_files: int) -> bool:
     return n_files >= PROGRESS_ALWAYS_FILES or (n_files >= PROGRESS_MIN_FILES and _stderr_is_terminal())
 
 
-def predict_with_progress(model, paths, *, ood: bool = True, chunk: int = 64) -> list:
+def predict_with_progress(model, paths, *, ood: bool = True) -> list:
     """model.predict over the expanded files, with a bar on stderr for long inputs."""
     from .predict import expand_paths
     from .progress import Silent, TqdmProgress
@@ -342,14 +342,10 @@ def predict_with_progress(model, paths, *, ood: bool = True, chunk: int = 64) ->
     files = expand_paths(paths)
     bar = TqdmProgress() if _show_progress(len(files)) else Silent()
     bar.start(len(files), "predicting")
-    preds = []
     try:
-        for i in range(0, len(files), chunk):
-            preds.extend(model.predict(files[i : i + chunk], ood=ood))
-            bar.advance(len(files[i : i + chunk]))
+        return model.predict(files, ood=ood, progress=bar)
     finally:
         bar.close()
-    return preds
 
 
 def _cell(value) -> str:

@@ -118,20 +118,19 @@ def _labelled_images(model: Model, data_dir: Path, label_from_name: str | None, 
 
 
 def _score(model: Model, data_dir: Path, samples: list[Sample], ood: bool, progress: Progress):
-    """(predictions, their true labels, (path, reason) of the unreadable files), 32 images at a time."""
+    """(predictions, their true labels, (path, reason) of the unreadable files)."""
     progress.start(len(samples), "evaluating")
     preds, truth, skipped = [], [], []
-    batch = 32
-    for i in range(0, len(samples), batch):
-        chunk = samples[i : i + batch]
-        for s, p in zip(chunk, model.predict([str(data_dir / s.relpath) for s in chunk], ood=ood)):
-            if p.error:
-                skipped.append((p.path, p.error))
-            else:
-                preds.append(p)
-                truth.append(s.label)
-        progress.advance(len(chunk))
-    progress.close()
+    try:
+        scored = model.predict([str(data_dir / s.relpath) for s in samples], ood=ood, progress=progress)
+    finally:
+        progress.close()
+    for s, p in zip(samples, scored):
+        if p.error:
+            skipped.append((p.path, p.error))
+        else:
+            preds.append(p)
+            truth.append(s.label)
     return preds, truth, skipped
 
 
@@ -155,6 +154,7 @@ def _metrics(model: Model, truth: list[str], preds: list[Prediction], skipped: l
             metrics[name] = None
             metrics[f"{name}_note"] = str(exc)
     metrics["internal_test"] = model.info.get("metrics", {}).get("test")
+    metrics["engine"] = model.engine.to_json()
     return metrics
 
 

@@ -202,7 +202,7 @@ class Model:
         return check(pictures, threshold=float(self.chest_check["threshold"]),
                      network=bool(self.chest_check.get("network", True)))
 
-    def predict(self, images, *, ood: bool = True, batch_size: int = 16) -> list[Prediction]:
+    def predict(self, images, *, ood: bool = True, batch_size: int = 16, progress=None) -> list[Prediction]:
         """Predict each image: files, folders of image files, and images already in memory.
 
         Parameters
@@ -221,6 +221,8 @@ class Model:
             training images (``shift=True``, ``shift_score``): it is still scored.
         batch_size : int
             Images run through the network at once (memory versus speed).
+        progress : cxrlab.progress.Progress or None
+            Advanced by each batch's images (started and closed by the caller).
 
         Returns
         -------
@@ -247,9 +249,13 @@ class Model:
                 batch.append(future.result())
                 if len(batch) == batch_size:
                     results.extend(self._predict_prepared(batch, ood))
+                    if progress is not None:
+                        progress.advance(len(batch))
                     batch = []
             if batch:
                 results.extend(self._predict_prepared(batch, ood))
+                if progress is not None:
+                    progress.advance(len(batch))
         return results
 
     def _prepare_item(self, item: tuple[str, object], ood: bool) -> tuple[str, np.ndarray | None, object]:

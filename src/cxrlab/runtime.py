@@ -141,17 +141,20 @@ def _core():
 class OpenVINOSession:
     """An OpenVINO CPU compilation of an ONNX graph behind ONNX Runtime's session interface.
 
-    One stream and ``threads`` threads, as the ONNX Runtime sessions are set up; each calling thread gets
-    its own infer request (a compiled model is shared, a request is not)."""
+    ``threads`` threads per inference, as the ONNX Runtime sessions are set up; with fewer threads than cores
+    (serve runs one request per core, each on one thread) as many streams as fit, so that requests from several
+    threads run side by side. Each calling thread gets its own infer request (a compiled model is shared, a
+    request is not)."""
 
     def __init__(self, onnx: str | os.PathLike | bytes, *, threads: int, precision: str = "fp32"):
         data = onnx if isinstance(onnx, bytes) else open(onnx, "rb").read()
         self._metadata = _onnx_metadata(data)
         core = _core()
         model = core.read_model(data)
+        streams = max(1, default_threads() // int(threads))
         self._compiled = core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
+            "INFERENCE_NUM_THREADS": streams * int(threads), "NUM_STREAMS": streams})
         self._inputs = [_port(p) for p in self._compiled.inputs]
         self._outputs = [_port(p) for p in self._compiled.outputs]
         self._local = threading.local()
