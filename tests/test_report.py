@@ -18,7 +18,8 @@ from cxrlab.report import write_evaluation, write_run_report
 from cxrlab.split import Entry
 
 IMG_RE = re.compile(r"<img\b[^>]*>")
-SRC_RE = re.compile(r"src=['\"]data:image/png;base64,([A-Za-z0-9+/=]+)['\"]")
+# plots are PNG; thumbnails are JPEG (stored large enough to enlarge on click)
+SRC_RE = re.compile(r"src=['\"]data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)['\"]")
 ALT_RE = re.compile(r"alt=['\"]([^'\"]*)['\"]")
 
 
