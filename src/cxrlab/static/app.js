@@ -62,9 +62,9 @@
 
   function gateLines(r) {
     const lines = [];
-    if (r.ood === false) {
-      lines.push(["gate-chest", "ok", "Chest X-ray check: passed" + (isNum(r.ood_score) ?
-        " (non-chest score " + num(r.ood_score, 2) + " ≤ " + num(r.ood_threshold, 2) + ")" : "")]);
+    if (r.ood === false) {  // the server sends 1 - the chest score; the model card speaks of the chest score
+      lines.push(["gate-chest", "ok", "Chest X-ray check: passed" + (isNum(r.ood_score) && isNum(r.ood_threshold) ?
+        " (chest score " + num(1 - r.ood_score, 2) + " ≥ " + num(1 - r.ood_threshold, 2) + ")" : "")]);
     }
     if (r.shift === true) {
       lines.push(["gate-shift", "warn", "Like the training images: no (shift score " + num(r.shift_score, 1) +
