@@ -106,6 +106,8 @@ def test_binary_run_report(tmp_path):
     alts = _check_html(text)
     for word in ("roc", "precision-recall", "reliability", "confusion", "histogram", "training"):
         assert any(word in a for a in alts), word
+    reliability = next(a for a in alts if a.startswith("reliability"))
+    assert f"ece {rep['ece']:.3f} after calibration, 0.120 before" in reliability and "images per bin" in reliability
     n_wrong = sum(1 for r in rows[1:] if r[6] == "test" and r[5] == "0")
     assert sum("class='thumb'" in t for t in IMG_RE.findall(text)) == min(n_wrong, 40)
 

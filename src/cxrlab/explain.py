@@ -97,6 +97,20 @@ def colormap(values: np.ndarray, name: str = COLORMAP) -> np.ndarray:
     return lut[np.round(np.clip(values, 0, 1) * 255).astype(np.intp)]
 
 
+_MIN_SIDE = 256
+
+
+def _fitting_font(text: str, size: int, width: float):
+    """Pillow's default font at ``size`` px, or smaller (down to 8) until ``text`` fits ``width``."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=size)
+    while size > 8 and font.getlength(text) > width:
+        size -= 1
+        font = ImageFont.load_default(size=size)
+    return font
+
+
 def _vertical_text(text: str, font, height: int) -> "Image.Image":
     """``text`` rotated to read bottom-up, on white, for the colour bar's title."""
     from PIL import Image, ImageDraw
@@ -126,11 +140,16 @@ def overlay_png(heatmap: Heatmap, pixels: np.ndarray, *, alpha: float = 0.45, sc
     else:
         full = heatmap.full if heatmap.full.shape == pixels.shape else upsample(heatmap.cam, pixels.shape)
         title, ticks = "relative heat (this image)", (0.0, 0.5, 1.0)
+    if max(H, W) < _MIN_SIDE:  # a small image is drawn larger, so that the bar's and caption's text fit beside it
+        f = -(-_MIN_SIDE // max(H, W))
+        pixels = np.repeat(np.repeat(pixels, f, axis=0), f, axis=1)
+        H, W = pixels.shape
+        full = upsample(full, (H, W))
     gray = np.repeat((np.clip(pixels, 0, 1) * 255)[..., None], 3, axis=2)
     blended = ((1 - alpha) * gray + alpha * colormap(full)).astype(np.uint8)
-    font_px = int(max(11, min(28, W / 24)))
+    font_px = int(max(12, min(40, W / 14)))  # overlays are shown shrunk: 1/14 of the width stays legible
     font = ImageFont.load_default(size=font_px)
-    small = ImageFont.load_default(size=max(10, int(font_px * 0.8)))
+    small = _fitting_font(title, int(font_px * 0.8), 0.95 * H)
     labels = [f"{v:.2g}" for v in ticks]
     caption_h, bar_w, pad = font_px * 2, max(14, W // 25), max(6, W // 60)
     label_w = int(max(font.getlength(t) for t in labels)) + pad
@@ -146,8 +165,9 @@ def overlay_png(heatmap: Heatmap, pixels: np.ndarray, *, alpha: float = 0.45, sc
         y = caption_h + int((1 - frac) * (H - 1))
         draw.text((W + pad + bar_w + 3, y), text, fill="black", font=font,
                   anchor="lt" if frac == 1.0 else ("lb" if frac == 0.0 else "lm"))
-    draw.text((W / 2, caption_h / 2), f"{heatmap.label} (score = {heatmap.score:.5f})", fill="black", font=font,
-              anchor="mm")
+    caption = f"{heatmap.label} (score = {heatmap.score:.5f})"
+    draw.text((canvas.width / 2, caption_h / 2), caption, fill="black",
+              font=_fitting_font(caption, font_px, 0.96 * canvas.width), anchor="mm")
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", compress_level=1)  # zlib level 6 took 2/3 of the time for little gain
     return buf.getvalue()

@@ -448,7 +448,7 @@ def _overlay_caption(row, heatmap) -> str:
     from .explain import border_heat_share
 
     return (f"true {row['true_label']}, predicted {row['predicted_label']}; map of '{heatmap.label}', "
-            f"score {heatmap.score:.3f}; border heat {100 * border_heat_share(heatmap.full):.0f}%")
+            f"score {pct(heatmap.score)}; border heat {100 * border_heat_share(heatmap.full):.0f}%")
 
 
 # ----------------------------------------------------------------- plots

@@ -17,7 +17,7 @@
   const ciPct = (v) => (Array.isArray(v) && isNum(v[0]) && isNum(v[1]) ? " (95% CI " + (100 * v[0]).toFixed(1) + "–" + pct(v[1]) + ")" : "");
   const ciNum = (v) => (Array.isArray(v) && isNum(v[0]) && isNum(v[1]) ? " (95% CI " + num(v[0]) + "–" + num(v[1]) + ")" : "");
   const isDicom = (f) => /\.(dcm|dicom)$/i.test(f.name) || f.type === "application/dicom";
-  const mib = (n) => (n / 1048576).toFixed(n >= 10485760 ? 0 : 1) + " MiB";
+  const mib = (n) => (n < 1048576 ? Math.round(n / 1024) + " KiB" : (n / 1048576).toFixed(n >= 10485760 ? 0 : 1) + " MiB");
 
   // Multipart framing per file (boundary, headers, the name); what the server counts against its request limit.
   const PART_OVERHEAD = 1024, REQUEST_OVERHEAD = 4096;
@@ -105,17 +105,16 @@
         mark.style.left = Math.max(0, Math.min(100, 100 * r.threshold)).toFixed(1) + "%";
         mark.title = "threshold " + pct(r.threshold);
         bar.appendChild(mark);
-        card.appendChild(bar);
-        card.appendChild(el("div", "threshold", (p >= r.threshold ? "above" : "below") + " the threshold of " +
-          pct(r.threshold) + " → " + r.label));
-      } else {
-        card.appendChild(bar);
       }
+      card.appendChild(bar);
     } else {
       const top = Object.entries(r.scores || {}).sort((a, b) => b[1] - a[1])[0];
       card.appendChild(el("div", "score", top ? "P(" + top[0] + ") = " + pct(top[1]) : "n/a"));
     }
-    card.appendChild(el("div", "verdict", r.verdict));
+    // the server's verdict, with the threshold in the unit of the score above it
+    const binary = Object.keys(r.scores || {}).length === 2 && isNum(p) && isNum(r.threshold);
+    card.appendChild(el("div", "verdict", binary ? (p >= r.threshold ? "above" : "below") + " the threshold of " +
+      pct(r.threshold) + " -> " + r.label : r.verdict));
     const gates = gateLines(r);
     if (gates.length) {
       const ul = el("ul", "gates");
