@@ -188,7 +188,11 @@
 
   async function upload(fileList) {
     const files = Array.from(fileList || []);
-    if (!files.length || state.busy) return;
+    if (!files.length) return;
+    if (state.busy) {
+      $("status").textContent = "Still analysing the files dropped before; drop these again when it is done.";
+      return;
+    }
     state.busy = true;
     const status = $("status"), results = $("results"), progress = $("progress");
     status.className = "status";
