@@ -93,7 +93,8 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
                       image_root=None, heatmaps=None, by_site=None, subsets=None) -> None:
     """Render the self-contained HTML report (plots and thumbnails as base64 data URIs).
 
-    ``heatmaps``: {"summary": explain.summary(...), "groups": [(title, [(path, caption, png)])]}, or None.
+    ``heatmaps``: {"summary": explain.summary(...), "groups": [(title, [(path, caption, png)])], and optionally
+    "scale": (lo, hi), the colour range all overlays share}, or None.
     ``by_site``: {site: binary report} of a multi-site run, shown as one table row per site.
     """
     labels = list(labels)
@@ -299,8 +300,8 @@ def _short(path) -> str:
 
 
 def _name_parts(path) -> dict:
-    """The file name to show (readable, wrapped anywhere) and the full path for its tooltip."""
-    return {"short": _short(path), "name": Path(str(path)).name, "title": str(path)}
+    """The name to show (folder and file, wrapped anywhere) and the full path for its tooltip."""
+    return {"short": _short(path), "title": str(path)}
 
 
 def _resolve(path, image_root) -> Path:
@@ -335,6 +336,7 @@ def _misclassified(rows, labels, positive, threshold, image_root, notes) -> dict
 
     wrong = [r for r in rows if r.get("correct") is False]
     wrong.sort(key=lambda r: -abs(score(r) - threshold) if pos is not None else -score(r))
+
     def caption(r):
         if pos is None:
             return f"true {r['true_label']}, predicted {r['predicted_label']} (score {pct(score(r))})"
