@@ -116,6 +116,9 @@ def test_upload_shows_label_score_heatmap(sync_api, trained, server_url):
             assert m, score
             assert abs(float(m.group(1)) - 100 * api["positive_score"]) < 0.051
             assert page.inner_text(".result .verdict").endswith("-> " + label)
+            # issue 18: the gates' answers at a glance
+            assert page.inner_text(".result .gates .gate-chest").startswith("Chest X-ray check: passed (chest score")
+            assert page.inner_text(".result .gates .gate-shift").startswith("Like the training images: ")
             assert api["heatmap_png"], "the server returned no heatmap"
             size = heatmap.evaluate("i => [i.naturalWidth, i.naturalHeight, i.clientWidth, i.clientHeight]")
             assert min(size) > 32, size  # decoded and laid out, not a broken image

@@ -2,6 +2,7 @@
 randomisation sanity check (Adebayo et al. 2018), files written, border share, the CLI."""
 
 import importlib
+import io
 import time
 
 import numpy as np
@@ -139,3 +140,26 @@ def test_cli_explain_summary(blob_model, tmp_path, capsys):
     assert len(list(out.glob("*.png"))) == len(files)
     assert main(["predict", "--model", str(model.directory), str(files[0]), "--explain", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / f"{files[0].stem}.npy").is_file()
+
+
+def test_overlay_colours_are_perceptual_and_the_scale_can_be_shared():
+    """Issue 18: 'inferno', not jet; with a shared scale, equal map values get equal colours on any image."""
+    from matplotlib import colormaps
+
+    rgb = explain.colormap(np.array([0.0, 0.5, 1.0]))
+    want = (colormaps["inferno"](np.array([0.0, 0.5, 1.0]))[:, :3] * 255)
+    assert np.abs(rgb.astype(int) - want).max() <= 1
+    lum = rgb @ np.array([0.299, 0.587, 0.114])
+    assert lum[0] < lum[1] < lum[2]  # monotone in lightness: order survives grey print
+
+    pixels = np.full((300, 300), 0.5, np.float32)
+    hm = explain.Heatmap("x", "abnormal", 0.9, np.zeros((4, 4), np.float32), np.zeros((300, 300), np.float32))
+    low, high = np.full((300, 300), 1.0, np.float32), np.full((300, 300), 3.0, np.float32)
+    a = np.asarray(Image.open(io.BytesIO(explain.overlay_png(hm, pixels, map_values=low, scale=(1.0, 3.0)))))
+    b = np.asarray(Image.open(io.BytesIO(explain.overlay_png(hm, pixels, map_values=high, scale=(1.0, 3.0)))))
+    c = np.asarray(Image.open(io.BytesIO(explain.overlay_png(hm, pixels, map_values=high, scale=(0.0, 6.0)))))
+    mid = (a.shape[0] // 2 + 20, 150)
+    assert not np.array_equal(a[mid], b[mid])  # different evidence, different colour
+    same = np.asarray(Image.open(io.BytesIO(explain.overlay_png(hm, pixels.copy(), map_values=high, scale=(1.0, 3.0)))))
+    assert np.array_equal(b[mid], same[mid])
+    assert not np.array_equal(b[mid], c[mid])  # the colour depends on the scale given, not on the image's range

@@ -18,7 +18,8 @@ from cxrlab.report import write_evaluation, write_run_report
 from cxrlab.split import Entry
 
 IMG_RE = re.compile(r"<img\b[^>]*>")
-SRC_RE = re.compile(r"src=['\"]data:image/png;base64,([A-Za-z0-9+/=]+)['\"]")
+# plots are PNG; thumbnails are JPEG (stored large enough to enlarge on click)
+SRC_RE = re.compile(r"src=['\"]data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)['\"]")
 ALT_RE = re.compile(r"alt=['\"]([^'\"]*)['\"]")
 
 
@@ -105,6 +106,8 @@ def test_binary_run_report(tmp_path):
     alts = _check_html(text)
     for word in ("roc", "precision-recall", "reliability", "confusion", "histogram", "training"):
         assert any(word in a for a in alts), word
+    reliability = next(a for a in alts if a.startswith("reliability"))
+    assert f"ece {rep['ece']:.3f} after calibration, 0.120 before" in reliability and "images per bin" in reliability
     n_wrong = sum(1 for r in rows[1:] if r[6] == "test" and r[5] == "0")
     assert sum("class='thumb'" in t for t in IMG_RE.findall(text)) == min(n_wrong, 40)
 

@@ -26,6 +26,7 @@ def test_train_report_shows_heatmaps(tmp_path):
                           ood=False)
     text = (out / "report.html").read_text()
     assert "<h2>Where the model looked</h2>" in text
+    assert "Every map below shares one colour scale" in text and "inferno" in text
     pngs = OVERLAY_RE.findall(text)
     assert pngs
     for b64 in pngs:

@@ -317,3 +317,15 @@ def test_health_page_static_docs(client, model_dir):
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
     # create_app also accepts a directory
     assert TestClient(serve_mod.create_app(model_dir)).get("/healthz").status_code == 200
+
+
+def test_limits_endpoint_advertises_what_is_enforced(model):
+    """The page batches a large drop by /api/limits: the numbers must be the ones the server enforces."""
+    lim = ServeLimits(max_files=3, max_upload_bytes=2**20, max_request_bytes=3 * 2**20)
+    client = TestClient(serve_mod.create_app(model, limits=lim))
+    assert client.get("/api/limits").json() == {"max_files": 3, "max_upload_bytes": 2**20,
+                                                "max_request_bytes": 3 * 2**20}
+    assert "/api/limits" in client.get("/openapi.json").json()["paths"]
+    png = ("a.png", image_bytes("PNG"), "image/png")
+    assert post(client, *[png] * 3).status_code == 200
+    assert post(client, *[png] * 4).status_code == 413  # one over max_files

@@ -373,3 +373,31 @@ def test_serve_options_are_checked_before_loading(tmp_path, capsys, args, messag
     assert cli.main(["serve", "--model", str(missing), *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_readme_rest_api_and_curl_example(model, tmp_path):
+    """The README's REST API section: every endpoint it names exists, and its curl line works as written."""
+    import json
+    import shlex
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The web page and its REST API", 1)[1].split("\n### ", 1)[0]
+    named = set(re.findall(r"`(GET|POST) (/[a-z/]+)", section))
+    assert {("POST", "/api/predict"), ("GET", "/api/limits"), ("GET", "/api/model")} <= named
+    (line,) = [s.strip() for s in section.splitlines() if s.strip().startswith("curl ")]
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    (tmp_path / "x.png").write_bytes(image_bytes("PNG", 200))
+    (tmp_path / "y.jpg").write_bytes(image_bytes("JPEG", 30))
+    with running(serve_mod.create_app(model)) as port:
+        paths = httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=WAIT).json()["paths"]
+        for method, path in named:
+            assert method.lower() in paths.get(path, {}) or path == "/healthz", (method, path)
+        args = shlex.split(line.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
+        out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True).stdout
+    results = json.loads(out)["results"]
+    assert [r["filename"] for r in results] == ["x.png", "y.jpg"]
+    assert all(r["error"] is None and r["heatmap_png"] is None for r in results)

@@ -12,6 +12,8 @@ import numpy as np
 
 __all__ = ["binary_plots", "confusion_png", "training_curve_png", "roc_overlay_png"]
 
+RELIABILITY_BINS = 10
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -28,16 +30,22 @@ def _axes(w=4.2, h=4.0):
     return fig, fig.add_subplot()
 
 
-def binary_plots(y, s, positive: str, negative: str, threshold: float, *, n_boot: int = 200) -> list[tuple[str, bytes]]:
+def binary_plots(y, s, positive: str, negative: str, threshold: float, *, n_boot: int = 200,
+                 ece_before: float | None = None) -> list[tuple[str, bytes]]:
     """(alt text, PNG) of the ROC with a bootstrap band, precision-recall, reliability diagram and score
-    histograms, as far as the data allow: curves need both classes, the last two scores in [0, 1]."""
+    histograms, as far as the data allow: curves need both classes, the last two scores in [0, 1].
+    ``ece_before``: the ECE of the same images before calibration, shown beside the ECE of ``s``."""
     y, s = np.asarray(y, dtype=int), np.asarray(s, dtype=float)
     out = []
     if 0 < y.sum() < y.size:
         out += [("ROC curve with the operating point and a 95% bootstrap band", _roc_png(y, s, threshold, n_boot)),
                 ("Precision-recall curve", _pr_png(y, s))]
     if np.all((s >= 0) & (s <= 1)):
-        out += [("Reliability diagram (10 equal-width bins)", _reliability_png(y, s, positive)),
+        from .metrics import expected_calibration_error
+
+        ece = expected_calibration_error(y, s, RELIABILITY_BINS)
+        out += [(f"Reliability diagram ({RELIABILITY_BINS} equal-width bins, images per bin below; "
+                 f"{_ece_text(ece, ece_before)})", _reliability_png(y, s, positive, ece, ece_before)),
                 (f"Histogram of P({positive}) per true class with the threshold",
                  _histogram_png(y, s, positive, negative, threshold))]
     return out
@@ -73,16 +81,33 @@ def _pr_png(y, s) -> bytes:
     return _png(fig)
 
 
-def _reliability_png(y, s, positive) -> bytes:
+def _ece_text(ece: float, before: float | None) -> str:
+    if before is None or not np.isfinite(before):
+        return f"ECE {ece:.3f}"
+    return f"ECE {ece:.3f} after calibration, {before:.3f} before"
+
+
+def _reliability_png(y, s, positive, ece, ece_before) -> bytes:
+    """The calibration curve with each bin's image count beside its point, and the counts as bars below:
+    a bin of three images says little, and the reader should see which bins those are."""
+    from matplotlib.figure import Figure
+
     from .metrics import reliability_bins
 
-    b = reliability_bins(y, s, 10)
+    b = reliability_bins(y, s, RELIABILITY_BINS)
     filled = b["count"] > 0
-    fig, ax = _axes()
+    fig = Figure(figsize=(4.2, 5.0))
+    ax, bars = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
     ax.plot(b["mean_predicted"][filled], b["fraction_positive"][filled], "o-", label="model")
-    ax.set(xlabel=f"mean P({positive})", ylabel="fraction positive", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    for x, f, n in zip(b["mean_predicted"][filled], b["fraction_positive"][filled], b["count"][filled]):
+        ax.annotate(str(n), (x, f), textcoords="offset points", xytext=(4, -10), fontsize=7, color="dimgrey")
+    ax.set(ylabel="fraction positive", title=f"Reliability ({_ece_text(ece, ece_before)})", xlim=(0, 1), ylim=(0, 1))
+    ax.title.set_fontsize(9)
     ax.legend(loc="upper left", fontsize=7)
+    width = b["bin_upper"] - b["bin_lower"]
+    bars.bar(b["bin_lower"], b["count"], width=width, align="edge", color="tab:blue", alpha=0.5, edgecolor="white")
+    bars.set(xlabel=f"mean P({positive})", ylabel="images")
     return _png(fig)
 
 

@@ -23,7 +23,7 @@ __all__ = ["write_run_report", "write_evaluation", "write_report_html", "render_
 
 MAX_THUMBS = 40
 MAX_NOTES = 300
-THUMB_PX = 128
+THUMB_PX = 384  # stored this large so that a click can enlarge it (shown at 150 px); JPEG keeps it light
 N_BOOT = 200
 HEAT_WRONG = 12       # overlays of misclassified test images
 HEAT_CONFIDENT = 3    # overlays of the most confident correct test images, per class
@@ -93,7 +93,8 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
                       image_root=None, heatmaps=None, by_site=None, subsets=None) -> None:
     """Render the self-contained HTML report (plots and thumbnails as base64 data URIs).
 
-    ``heatmaps``: {"summary": explain.summary(...), "groups": [(title, [(path, caption, png)])]}, or None.
+    ``heatmaps``: {"summary": explain.summary(...), "groups": [(title, [(path, caption, png)])], and optionally
+    "scale": (lo, hi), the colour range all overlays share}, or None.
     ``by_site``: {site: binary report} of a multi-site run, shown as one table row per site.
     """
     labels = list(labels)
@@ -103,7 +104,7 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
     test = [r for r in rows if r.get("split") == "test"]
     scope = "test split" if test else "all rows"
     known = [r for r in (test or rows) if r.get("true_label") in labels]
-    plots = _plots(known, labels, positive, threshold, training_curve)
+    plots = _plots(known, labels, positive, threshold, training_curve, (report or {}).get("ece_uncalibrated"))
     html = render_html(
         "report.html.j2", title=str(title), summary=[*map(str, summary), *_data_summary(rows, labels, scope)],
         verdict=_verdict(report, binary), scope=scope,
@@ -298,6 +299,11 @@ def _short(path) -> str:
     return "/".join(Path(str(path)).parts[-2:])
 
 
+def _name_parts(path) -> dict:
+    """The name to show (folder and file, wrapped anywhere) and the full path for its tooltip."""
+    return {"short": _short(path), "title": str(path)}
+
+
 def _resolve(path, image_root) -> Path:
     p = Path(path)
     return Path(image_root) / p if not p.is_absolute() and image_root is not None else p
@@ -310,15 +316,15 @@ def _thumb(path, caption, image_root, notes) -> dict:
     from .decode import decode_image
     from .explain import shrink
 
-    fig = {"uri": None, "alt": f"{path}: {caption}", "short": _short(path), "caption": caption}
+    fig = {"uri": None, "alt": f"{path}: {caption}", **_name_parts(path), "caption": caption}
     try:
         px = shrink(decode_image(_resolve(path, image_root), min_size=THUMB_PX).pixels, THUMB_PX)
     except (CxrlabError, OSError, ValueError) as exc:
         notes.append(f"no thumbnail for {path}: {exc}")
         return fig
     buf = io.BytesIO()
-    Image.fromarray(np.round(px * 255).astype(np.uint8), "L").save(buf, format="PNG")
-    return {**fig, "uri": _uri(buf.getvalue())}
+    Image.fromarray(np.round(px * 255).astype(np.uint8), "L").save(buf, format="JPEG", quality=85)
+    return {**fig, "uri": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")}
 
 
 def _misclassified(rows, labels, positive, threshold, image_root, notes) -> dict:
@@ -330,10 +336,14 @@ def _misclassified(rows, labels, positive, threshold, image_root, notes) -> dict
 
     wrong = [r for r in rows if r.get("correct") is False]
     wrong.sort(key=lambda r: -abs(score(r) - threshold) if pos is not None else -score(r))
-    what = f"P({positive})" if pos is not None else "score"
-    return {"n": len(wrong), "figures": [
-        _thumb(r["path"], f"true {r['true_label']}, predicted {r['predicted_label']}, {what} {score(r):.3f}",
-               image_root, notes) for r in wrong[:MAX_THUMBS]]}
+
+    def caption(r):
+        if pos is None:
+            return f"true {r['true_label']}, predicted {r['predicted_label']} (score {pct(score(r))})"
+        return (f"true {r['true_label']}, predicted {r['predicted_label']}: P({positive}) {pct(score(r))}, "
+                f"threshold {pct(threshold)}")
+
+    return {"n": len(wrong), "figures": [_thumb(r["path"], caption(r), image_root, notes) for r in wrong[:MAX_THUMBS]]}
 
 
 def _rejected(rejected, image_root, notes) -> dict:
@@ -349,9 +359,9 @@ def _heatmap_view(heat) -> dict | None:
     if not heat:
         return None
     groups = [{"title": title, "figures": [
-        {"uri": _jpeg_uri(png), "alt": f"heatmap of {path}: {cap}", "short": _short(path), "caption": cap}
+        {"uri": _jpeg_uri(png), "alt": f"heatmap of {path}: {cap}", **_name_parts(path), "caption": cap}
         for path, cap, png in figs]} for title, figs in heat["groups"]]
-    return {"summary": heat["summary"], "groups": groups, "warning": BORDER_WARNING}
+    return {"summary": heat["summary"], "groups": groups, "warning": BORDER_WARNING, "scale": heat.get("scale")}
 
 
 def _heatmap_groups(test, labels) -> tuple[list, list]:
@@ -373,9 +383,10 @@ def _heatmap_groups(test, labels) -> tuple[list, list]:
 
 
 def _heatmaps_of(model, rows, labels, image_root, notes) -> dict:
-    """id(row) -> (Heatmap of its predicted class, the shrunk image it is drawn on), in batches."""
+    """id(row) -> (Heatmap of its predicted class, the shrunk image it is drawn on, the raw map in logit units),
+    in batches. The Heatmap's own map is normalised per image (what the border-heat summary reads)."""
     from .embed import prepare, read_file
-    from .explain import Heatmap, class_activation_maps, shrink, upsample
+    from .explain import Heatmap, class_activation_maps, normalise, shrink, upsample
 
     out = {}
     for i in range(0, len(rows), HEAT_BATCH):
@@ -390,19 +401,19 @@ def _heatmaps_of(model, rows, labels, image_root, notes) -> dict:
             ready.append((r, array, shrink(img.pixels, HEAT_PX)))  # small overlays: light HTML, fast drawing
         if not ready:
             continue
-        cams = class_activation_maps(model, [a for _, a, _ in ready],
-                                     [labels.index(r["predicted_label"]) for r, _, _ in ready])
-        for (r, _, small), cam in zip(ready, cams):
-            lab = r["predicted_label"]
+        raws = class_activation_maps(model, [a for _, a, _ in ready],
+                                     [labels.index(r["predicted_label"]) for r, _, _ in ready], raw=True)
+        for (r, _, small), raw in zip(ready, raws):
+            lab, cam = r["predicted_label"], normalise(raw)
             out[id(r)] = (Heatmap(r["path"], lab, r["scores"][labels.index(lab)], cam, upsample(cam, small.shape)),
-                          small)
+                          small, raw)
     return out
 
 
 def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
     """Class activation maps of the test rows (each of its predicted class): a border-heat summary and
     overlay groups. None when there is no saved model or no test row."""
-    from .explain import overlay_png, summary as heat_summary
+    from .explain import overlay_png, summary as heat_summary, upsample
     from .predict import load_model
 
     test = [r for r in rows if r.get("split") == "test" and r.get("true_label") in labels
@@ -416,20 +427,34 @@ def _run_heatmaps(model_dir, image_root, rows, labels, notes) -> dict | None:
         notes.append(f"no heatmaps: {exc}")
         return None
     summary = {**heat_summary([heat[id(r)][0] for r in todo if id(r) in heat]), "n_test": len(test)}
-    figures = [(title, [(r["path"], _overlay_caption(r, heat[id(r)][0]), overlay_png(*heat[id(r)]))
+    shown = [heat[id(r)] for _, group in groups for r in group if id(r) in heat]
+    scale = shared_scale([raw for _, _, raw in shown])
+
+    def overlay(hm, small, raw):
+        return overlay_png(hm, small, map_values=upsample(raw, small.shape), scale=scale)
+
+    figures = [(title, [(r["path"], _overlay_caption(r, heat[id(r)][0]), overlay(*heat[id(r)]))
                         for r in group if id(r) in heat]) for title, group in groups]
-    return {"summary": summary, "groups": figures}
+    return {"summary": summary, "groups": figures, "scale": scale}
+
+
+def shared_scale(maps) -> tuple[float, float]:
+    """One colour range for every overlay of a report: the 1st to 99th percentile of all their raw map values,
+    so one hot outlier does not wash out the rest and equal colours mean equal evidence."""
+    values = np.concatenate([np.ravel(m) for m in maps]) if maps else np.zeros(1)
+    lo, hi = (float(v) for v in np.percentile(values, [1, 99]))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
 def _overlay_caption(row, heatmap) -> str:
     from .explain import border_heat_share
 
     return (f"true {row['true_label']}, predicted {row['predicted_label']}; map of '{heatmap.label}', "
-            f"score {heatmap.score:.3f}; border heat {100 * border_heat_share(heatmap.full):.0f}%")
+            f"score {pct(heatmap.score)}; border heat {100 * border_heat_share(heatmap.full):.0f}%")
 
 
 # ----------------------------------------------------------------- plots
-def _plots(rows, labels, positive, threshold, curve) -> list[tuple[str, bytes]]:
+def _plots(rows, labels, positive, threshold, curve, ece_before=None) -> list[tuple[str, bytes]]:
     """(alt text, PNG bytes) for every plot that the data allow."""
     from .plots import binary_plots, confusion_png, training_curve_png
 
@@ -437,7 +462,7 @@ def _plots(rows, labels, positive, threshold, curve) -> list[tuple[str, bytes]]:
     if positive is not None and rows:
         pos = labels.index(positive)
         out += binary_plots([r["true_label"] == positive for r in rows], [r["scores"][pos] for r in rows],
-                            positive, labels[1 - pos], threshold, n_boot=N_BOOT)
+                            positive, labels[1 - pos], threshold, n_boot=N_BOOT, ece_before=ece_before)
     if rows:
         cm = np.zeros((len(labels), len(labels)), dtype=int)
         for r in rows:

@@ -4,6 +4,8 @@
     POST /api/predict  multipart field ``files`` (one or many) -> {"results": [...]};
                        ``?heatmap=0`` skips the heatmaps (``heatmap_png`` is then null)
     GET  /api/model    the model card
+    GET  /api/limits   what one request may hold (files, bytes per file, bytes per request): the page
+                       splits a large drop into requests within them
     GET  /healthz      {"status": "ok"} (HEAD too)
     GET  /docs         a self-contained page listing the endpoints; /openapi.json is the schema.
                        Swagger UI and ReDoc are off: FastAPI loads them from a CDN, and the server
@@ -295,8 +297,14 @@ async def _nosniff(request, call_next):
     return response
 
 
-def _add_page_routes(app: FastAPI, model: Model) -> None:
-    """/ (the page), /healthz, /api/model and /docs."""
+def upload_limits(lim: ServeLimits) -> dict:
+    """The limits a client must respect to be answered (the page batches its uploads by them)."""
+    return {"max_files": lim.max_files, "max_upload_bytes": lim.max_upload_bytes,
+            "max_request_bytes": lim.max_request_bytes}
+
+
+def _add_page_routes(app: FastAPI, model: Model, lim: ServeLimits) -> None:
+    """/ (the page), /healthz, /api/model, /api/limits and /docs."""
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
@@ -314,6 +322,12 @@ def _add_page_routes(app: FastAPI, model: Model) -> None:
     async def get_model():
         """Labels, operating point, test metrics, calibration, training data and intended use."""
         return model_card(model)
+
+    @app.get("/api/limits", summary="Upload limits")
+    async def get_limits():
+        """`max_files` per request, `max_upload_bytes` per file (--max-upload-mb) and `max_request_bytes` per
+        request body (--max-request-mb): send more files as several requests within these."""
+        return upload_limits(lim)
 
     @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
     async def docs():
@@ -365,7 +379,7 @@ def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool =
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.state.model, app.state.limits, app.state.decode_budget = model, lim, uploads.budget
     app.middleware("http")(_nosniff)
-    _add_page_routes(app, model)
+    _add_page_routes(app, model, lim)
     _add_predict_route(app, uploads)
     return app
 
