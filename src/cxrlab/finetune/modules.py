@@ -93,13 +93,16 @@ def with_tta(module, size: int, views: int = 3):
             self.register_buffer("grids", tta_grids(size, views))
 
         def forward(self, image):
-            out = self.inner(image)
-            embeddings = [out[0]]
-            for v in range(self.grids.shape[0]):
-                grid = self.grids[v : v + 1].expand(image.shape[0], -1, -1, -1)
-                embeddings.append(self.inner(F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                                                           align_corners=False))[0])
-            return (torch.stack(embeddings).mean(0), *out[1:])
+            # Every view in one batch through one copy of the network: four copies sharing their weights kept
+            # OpenVINO from fusing the residual additions into the convolutions (a quarter of the time went to
+            # them) and ran four small batches; in one batch the graph ran 2.7x faster in fp32, 1.8x in bf16,
+            # with the same outputs (eval-mode BatchNorm does not mix images).
+            n = image.shape[0]
+            views = [image] + [F.grid_sample(image, self.grids[v : v + 1].expand(n, -1, -1, -1), mode="bilinear",
+                                             padding_mode="zeros", align_corners=False)
+                               for v in range(self.grids.shape[0])]
+            out = self.inner(torch.cat(views))
+            return (out[0].reshape(len(views), n, -1).mean(0), *(o[:n] for o in out[1:]))
 
     return TTA().eval()
 
