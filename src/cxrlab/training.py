@@ -100,6 +100,7 @@ def train(
     precision: str = _DEFAULT.precision,
     workers: int | None = _DEFAULT.workers,
     batch_size: int = _DEFAULT.batch_size,
+    ray: str | None = _DEFAULT.ray,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory.
 
@@ -198,9 +199,14 @@ def train(
     precision : str
         ``"fp32"``, or ``"int8"`` for a quantised backbone calibrated on training images.
     workers : int or None
-        Decoding threads. None: up to 4, one per core.
+        Decoding threads. None: up to 4, one per core. With ``ray``: the Ray workers that embed (one core
+        each) and that fine-tune (data-parallel); None: one per core of the cluster.
     batch_size : int
         Images per ONNX Runtime batch while embedding.
+    ray : str or None
+        Run the embedding and fine-tuning on a Ray cluster (needs ``pip install -e .[cluster]``): ``"auto"``
+        (the ``RAY_ADDRESS`` cluster or the one started here with ``ray start --head``), ``"local"`` (start one
+        for this run) or ``"HOST:PORT"``. The vectors, the recipe and the model directory are the same.
 
     Returns
     -------
@@ -216,6 +222,7 @@ def train(
     o = TrainOptions(**{name: value for name, value in locals().items() if name != "image_dir"})
     train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
     o.fine_tune, recipe_note = o.recipe()
+    o.cluster()  # --ray: joined (or refused in one line) before any image is read
     started = time.time()
     inputs = [Path(p) for p in (image_dir if isinstance(image_dir, (list, tuple)) else [image_dir])]
     run_dir, model_dir = _output_dirs(o.output, inputs, o.summaries_dir, o.bottleneck_dir)
@@ -322,7 +329,9 @@ def embed_images(image_dir: Path, entries, o: TrainOptions, *, calibration_rows)
     store = EmbeddingStore(Path(o.bottleneck_dir) if o.bottleneck_dir else cache_dir() / "embeddings",
                            bb.cache_key(), bb.spec.embed_dim)
     embedder = Embedder(bb, batch_size=o.batch_size, workers=o.workers)
-    emb = embedder.embed_files([image_dir / e.relpath for e in entries], store=store, progress=o.progress)
+    files, cluster = [image_dir / e.relpath for e in entries], o.cluster()
+    emb = cluster.embed_files(bb, files, store=store, batch_size=o.batch_size, progress=o.progress) if cluster \
+        else embedder.embed_files(files, store=store, progress=o.progress)
     rel = [Path(p).relative_to(image_dir).as_posix() for p in emb.paths]
     return Embedded(bb, embedder, store, dict(zip(rel, emb.vectors)), dict(zip(rel, emb.digests)), emb.skipped,
                     emb.hits, emb.misses)
@@ -337,7 +346,8 @@ def fit_and_calibrate(image_dir: Path, splits: Splits, frozen: Embedded, o: Trai
         from .finetune import FineTuneOptions, fine_tune_stage
 
         fit = fine_tune_stage(frozen.backbone, image_dir, splits, options=o.fine_tune_options or FineTuneOptions(
-            epochs=o.epochs), seed=o.seed, progress=o.progress, on_epoch=o.on_epoch, on_step=o.on_step)
+            epochs=o.epochs), seed=o.seed, progress=o.progress, on_epoch=o.on_epoch, on_step=o.on_step,
+            cluster=o.cluster())
         if any(o.distortions().values()):
             fit.notes.append("fine-tuning uses its own augmentation (--ft augment.*); "
                              "the tutorial's distortion flags were ignored")
