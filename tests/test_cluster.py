@@ -125,7 +125,7 @@ def test_data_parallel_fine_tune_exports_a_model_that_loads_and_predicts(cluster
                           fine_tune_options=FineTuneOptions(epochs=1, batch_size=8, input_size=64))
     ft = json.loads((result.model_dir / "cxrlab.json").read_text())["fine_tune"]
     assert [r["epoch"] for r in ft["history"]] == [1] and len(epochs) == 1 and np.isfinite(epochs[0]["loss"])
-    assert ft["best_epoch"] == 1 and ft["n_train"] == 10
+    assert ft["n_train"] == result.metrics["n"]["train"] and 0 <= epochs[0]["train_accuracy"] <= 1
 
     model = cxrlab.load_model(result.model_dir)
     local = model.predict([str(root)])

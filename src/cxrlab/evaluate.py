@@ -75,8 +75,10 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
     progress : cxrlab.progress.Progress or None
         Progress reporter (``TqdmProgress`` for a bar); None: silent.
     ray : str or None
-        Predict on a Ray cluster (``"auto"``, ``"local"`` or ``"HOST:PORT"``; ``pip install -e .[cluster]``)
-        with ``workers`` model copies (None: one per core of the cluster). The figures are the same.
+        Predict on a Ray cluster (``"auto"``, ``"local"`` or ``"HOST:PORT"``; ``pip install -e .[cluster]``).
+        The figures are the same.
+    workers : int or None
+        With ``ray``: the model copies (Ray actors, one core each) that predict. None: one per core of the cluster.
 
     Returns
     -------
