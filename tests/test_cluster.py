@@ -136,6 +136,35 @@ def test_data_parallel_fine_tune_exports_a_model_that_loads_and_predicts(cluster
     assert on_ray[-1].error and on_ray[-1].path.endswith("missing.png")
 
 
+def test_train_predict_evaluate_and_cv_with_ray_give_the_local_results(cluster, tiny_backbone, tmp_path, capsys):
+    import cxrlab
+    from cxrlab.cli import main
+    from cxrlab.crossval import cross_validate
+
+    root = make_dataset(tmp_path / "lungs", n_per_class=12, size=72)
+    common = ["--backbone", tiny_backbone, "--head-only", "--no-report", "-q"]
+    assert main(["train", str(root), "-o", str(tmp_path / "local"), "--bottleneck-dir", str(tmp_path / "c1"), *common]) == 0
+    assert main(["train", str(root), "-o", str(tmp_path / "ray"), "--bottleneck-dir", str(tmp_path / "c2"), *common,
+                 "--ray", "local", "--workers", "2"]) == 0
+    assert (tmp_path / "ray" / "model.onnx").read_bytes() == (tmp_path / "local" / "model.onnx").read_bytes()
+    capsys.readouterr()
+
+    model = str(tmp_path / "local")
+    assert main(["predict", "--model", model, str(root), "--format", "json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--model", model, str(root), "--format", "json", "--ray", "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == local and len(local) == 24
+
+    here = cxrlab.evaluate(model, root)
+    there = cxrlab.evaluate(model, root, ray="local", workers=2)
+    assert there.metrics == here.metrics and [p.to_dict() for p in there.predictions] == \
+        [p.to_dict() for p in here.predictions]
+
+    kw = dict(folds=3, backbone=tiny_backbone, fine_tune=False)
+    assert cross_validate(root, bottleneck_dir=tmp_path / "c3", ray="local", workers=2, **kw)["folds"] == \
+        cross_validate(root, bottleneck_dir=tmp_path / "c4", **kw)["folds"]
+
+
 def test_ray_missing_is_one_clear_line(monkeypatch, capsys, tmp_path):
     from cxrlab.cli import main
 

@@ -140,7 +140,7 @@ def add_ray_option(p, workers: bool = True) -> None:
                   "`ray start --head` started here), local (start one for this run) or HOST:PORT")
     if workers:
         add_flag(p, "workers", type=v.positive_int, default=None, metavar="N",
-                 help="with --ray: Ray workers, >= 1 (default: one per core of the cluster)")
+                 help="with --ray: Ray workers, >= 1 (default and most: one per core of the cluster)")
 
 
 def add_quiet_option(p) -> None:

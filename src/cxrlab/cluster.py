@@ -192,7 +192,8 @@ class Cluster:
     def _map(self, actor, args: dict, items: list[tuple[int, str]], batch_size: int):
         """Batches of ``actor(batch)`` over (index, path) items, as they finish (any order)."""
         ray = ray_module()
-        n = min(self.n_workers(), max(1, -(-len(items) // batch_size)))
+        # a fixed pool larger than the cluster's cores would wait for ever for the actors it cannot place
+        n = min(self.n_workers(), cluster_cpus() // CPUS_PER_WORKER, max(1, -(-len(items) // batch_size)))
         ds = ray.data.from_items([{"index": i, "path": p} for i, p in items])
         ds = ds.map_batches(actor, fn_constructor_kwargs=args, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=n), num_cpus=CPUS_PER_WORKER)

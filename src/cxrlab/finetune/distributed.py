@@ -47,6 +47,8 @@ def fine_tune_on_ray(spec, weights_path, X_train, y_train, X_val, y_val, *, work
     y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
     _check_trainable(spec, y_train)
     n = workers or max(1, min(cluster_cpus(), opts.batch_size // 2))
+    if n > cluster_cpus():  # Ray Train would wait for ever for the cores it cannot place
+        raise CxrlabError(f"--workers {n}: the Ray cluster has {cluster_cpus()} CPU(s); use at most that many")
     if opts.batch_size // n < 2 and not opts.freeze_bn:
         raise CxrlabError(f"--workers {n}: each worker would train on {opts.batch_size // n} image(s) per step; "
                           f"BatchNorm needs 2, so use at most {opts.batch_size // 2} workers or a larger --ft batch_size")
