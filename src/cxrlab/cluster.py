@@ -10,7 +10,8 @@ restarted by Ray Data (its actor pools default to ``max_restarts=-1``, ``max_tas
 runs again.
 
 Workers read the images at the driver's paths: on several machines the images lie on a shared file system
-mounted at the same place on each. The backbone graph and the model travel through Ray's object store.
+mounted at the same place on each. The backbone graph and the model travel through Ray's object store, and this
+cxrlab package with the job (``py_modules``); its dependencies must be installed on every machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -56,10 +58,13 @@ def connect(address: str = AUTO, *, num_cpus: int | None = None):
         # Ray's C++ core logs notes meant for Ray's developers to the terminal (e.g. that Ray Data keeps actor
         # arguments in the object store); failures still reach us as exceptions. RAY_BACKEND_LOG_LEVEL overrides.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        # This cxrlab travels with the job (Ray's py_modules): every worker runs the driver's code, even on a
+        # machine where another version, or none, is installed (its dependencies must be there).
+        quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
         try:
             if address == LOCAL:
-                ray.init(num_cpus=num_cpus, **quiet)
+                ray.init(address=LOCAL, num_cpus=num_cpus, **quiet)  # a new one, whatever RAY_ADDRESS says
             else:
                 ray.init(address=address, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as exc:
