@@ -119,6 +119,9 @@ class Cluster:
     workers: int | None = None
 
     def __post_init__(self):
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise CxrlabError(f"--workers must be a whole number of at least 1, got {self.workers!r}")
         connect(self.address)
 
     def n_workers(self) -> int:
