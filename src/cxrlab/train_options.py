@@ -62,8 +62,9 @@ class TrainOptions:
     summaries_dir: str | os.PathLike | None = None
     precision: str = "auto"
     runtime: str = "auto"
-    workers: int | None = None
+    workers: int | None = None  # decoding threads; with ``ray``, the Ray workers
     batch_size: int = 32
+    ray: str | None = None  # a Ray cluster's address (``auto``, ``local``, ``HOST:PORT``) to run on; None: here
 
     def recipe(self) -> tuple[bool, str | None]:
         """(fine-tune?, a note when the default could not be followed). The default recipe fine-tunes the network
@@ -76,6 +77,14 @@ class TrainOptions:
         if self.precision == "int8":
             return False, f"--precision {self.precision} quantises a frozen backbone: trained the linear head only"
         return True, None
+
+    def cluster(self):
+        """The connected Ray cluster of ``ray`` (cluster.Cluster), or None to run on this machine."""
+        if not self.ray:
+            return None
+        from .cluster import Cluster
+
+        return Cluster(self.ray, self.workers)
 
     def head(self):
         """The linear head's options (head.HeadOptions)."""

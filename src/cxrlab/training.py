@@ -101,6 +101,7 @@ def train(
     runtime: str = _DEFAULT.runtime,
     workers: int | None = _DEFAULT.workers,
     batch_size: int = _DEFAULT.batch_size,
+    ray: str | None = _DEFAULT.ray,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory.
 
@@ -205,9 +206,14 @@ def train(
         ``"onnxruntime"``. cxrlab.json records it (``runtime.trained_with``) with a bf16 parity check of the saved
         model on the test split (``runtime.bf16``), which decides whether predict runs it in bf16 by default.
     workers : int or None
-        Decoding threads. None: up to 4, one per core.
+        Decoding threads. None: up to 4, one per core. With ``ray``: the Ray workers that embed (one core
+        each) and that fine-tune (data-parallel); None: one per core of the cluster.
     batch_size : int
         Images per inference batch while embedding.
+    ray : str or None
+        Run the embedding and fine-tuning on a Ray cluster (needs ``pip install -e .[cluster]``): ``"auto"``
+        (the ``RAY_ADDRESS`` cluster or the one started here with ``ray start --head``), ``"local"`` (start one
+        for this run) or ``"HOST:PORT"``. The vectors, the recipe and the model directory are the same.
 
     Returns
     -------
@@ -223,6 +229,7 @@ def train(
     o = TrainOptions(**{name: value for name, value in locals().items() if name != "image_dir"})
     train_arguments(image_dir=image_dir, **vars(o))  # every option and output path, before any image is read
     o.fine_tune, recipe_note = o.recipe()
+    o.cluster()  # --ray: joined (or refused in one line) before any image is read
     started = time.time()
     inputs = [Path(p) for p in (image_dir if isinstance(image_dir, (list, tuple)) else [image_dir])]
     run_dir, model_dir = _output_dirs(o.output, inputs, o.summaries_dir, o.bottleneck_dir)
@@ -355,7 +362,10 @@ def embed_images(image_dir: Path, entries, o: TrainOptions, *, calibration_rows)
     embedder = Embedder(bb, batch_size=o.batch_size, workers=o.workers, engine=o.engine())
     store = EmbeddingStore(Path(o.bottleneck_dir) if o.bottleneck_dir else cache_dir() / "embeddings",
                            embedder.cache_key(), bb.spec.embed_dim)
-    emb = embedder.embed_files([image_dir / e.relpath for e in entries], store=store, progress=o.progress)
+    files, cluster = [image_dir / e.relpath for e in entries], o.cluster()
+    emb = cluster.embed_files(bb, files, store=store, batch_size=o.batch_size, progress=o.progress,
+                              engine=embedder.engine) if cluster else \
+        embedder.embed_files(files, store=store, progress=o.progress)
     rel = [Path(p).relative_to(image_dir).as_posix() for p in emb.paths]
     return Embedded(bb, embedder, store, dict(zip(rel, emb.vectors)), dict(zip(rel, emb.digests)), emb.skipped,
                     emb.hits, emb.misses)
@@ -371,7 +381,7 @@ def fit_and_calibrate(image_dir: Path, splits: Splits, frozen: Embedded, o: Trai
 
         fit = fine_tune_stage(frozen.backbone, image_dir, splits, options=o.fine_tune_options or FineTuneOptions(
             epochs=o.epochs), seed=o.seed, progress=o.progress, on_epoch=o.on_epoch, on_step=o.on_step,
-            engine=frozen.embedder.engine)
+            engine=frozen.embedder.engine, cluster=o.cluster())
         if any(o.distortions().values()):
             fit.notes.append("fine-tuning uses its own augmentation (--ft augment.*); "
                              "the tutorial's distortion flags were ignored")

@@ -55,9 +55,10 @@ def load_arrays(paths, size: int) -> tuple[np.ndarray, list[int]]:
 
 def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOptions, seed: int = 0,
                     progress: Progress | None = None, on_epoch: Callable[[dict], None] | None = None,
-                    on_step: Callable[[StepInfo], None] | None = None, engine=None) -> Fit:
+                    on_step: Callable[[StepInfo], None] | None = None, engine=None, cluster=None) -> Fit:
     """Fine-tune ``bb`` on the train split (best epoch on validation), export it, embed every image through it
-    (on ``engine``, a runtime.Engine; None: the reference, ONNX Runtime fp32)."""
+    (on ``engine``, a runtime.Engine; None: the reference, ONNX Runtime fp32). ``cluster`` (a
+    ``cxrlab.cluster.Cluster``): train data-parallel and embed on that Ray cluster instead."""
     from ..backbones import Backbone, cache_dir, weights_path
     from ..embed import Embedder
     from ..fsutil import atomic_write_bytes
@@ -68,8 +69,9 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
     spec = replace(bb.spec, input_size=size)
     X_tr, ok_tr = load_arrays([image_dir / r.relpath for r in splits.train], size)
     X_va, ok_va = load_arrays([image_dir / r.relpath for r in splits.validation], size)
-    res = fine_tune(spec, weights_path(bb.spec), X_tr, splits.y(splits.train)[ok_tr], X_va,
-                    splits.y(splits.validation)[ok_va], seed=seed, options=options, on_epoch=on_epoch, progress=progress)
+    train = cluster.fine_tune if cluster is not None else fine_tune
+    res = train(spec, weights_path(bb.spec), X_tr, splits.y(splits.train)[ok_tr], X_va,
+                splits.y(splits.validation)[ok_va], seed=seed, options=options, on_epoch=on_epoch, progress=progress)
     sha = state_sha256(res.module, {"options": options.to_dict(), "base": bb.weights_sha256})
     exported = with_tta(res.module, size, options.tta_views) if options.tta else res.module
     path = cache_dir() / "finetuned" / f"{spec.name}-ft-{sha[:16]}.onnx"
@@ -77,7 +79,9 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
     new_bb = Backbone(replace(spec, weights_sha256=sha, builder=None), path, sha, bb.outputs)
     embedder = Embedder(new_bb, **({"engine": engine} if engine is not None else {}))
     rows = splits.train + splits.validation + splits.test
-    emb = embedder.embed_files([image_dir / r.relpath for r in rows], store=None, progress=progress)
+    files = [image_dir / r.relpath for r in rows]
+    emb = cluster.embed_files(new_bb, files, progress=progress, engine=embedder.engine) if cluster is not None else \
+        embedder.embed_files(files, store=None, progress=progress)
     vectors = {Path(p).relative_to(image_dir).as_posix(): v for p, v in zip(emb.paths, emb.vectors)}
     head = FineTunedHead(res.head_W, res.head_b)
     validation = splits.keep(vectors).validation
