@@ -172,3 +172,9 @@ def test_folder_predict_overlaps_decoding_yet_keeps_order_and_errors(tiny_model,
         one_by_one = [model.predict_arrays([prepare(read_file(f), model.input_size, f)[0]])[0] for f in order
                       if f != str(bad)]
         assert [p.scores for p in preds if not p.error] == [p.scores for p in one_by_one]
+
+
+def test_evaluate_records_the_engine_it_ran_on(tiny_model, tmp_path):
+    out, data = tiny_model
+    r = cxrlab.evaluate(load_model(out, runtime="onnxruntime", precision="fp32"), data)
+    assert r.metrics["engine"] == REFERENCE.to_json()
