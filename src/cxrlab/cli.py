@@ -531,7 +531,7 @@ def run_datasets(a) -> int:
 
     v.check_writable_dir("DEST", a.dest)
     if a.archive:
-        r = layout_archive(a.name, a.archive, a.dest, sha256=a.sha256)
+        r = layout_archive(a.name, a.archive, a.dest, sha256=a.sha256, progress=TqdmProgress(unit="file"))
     else:
         r = download(a.name, a.dest, url=a.url, sha256=a.sha256, progress=TqdmProgress(unit="B"))
     for note in r.notes:
