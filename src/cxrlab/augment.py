@@ -56,12 +56,14 @@ def distorted_embeddings(embedder: Embedder, paths, y: np.ndarray, *, copies: in
 
 
 def site_shift_embeddings(embedder: Embedder, paths, digests: list[bytes], *, store=None,
-                          shifts=GATE_SHIFTS, progress: Progress | None = None) -> np.ndarray:
-    """Embeddings of each image under each site shift, cached under keys derived from the image digest."""
+                          shifts=GATE_SHIFTS, progress: Progress | None = None,
+                          desc: str = "embedding site-shifted copies") -> np.ndarray:
+    """Embeddings of each image under each site shift, cached under keys derived from the image digest;
+    ``desc`` names the step on the progress bar."""
     import hashlib
 
     progress = resolve(progress)
-    progress.start(len(paths) * len(shifts), "embedding site-shifted copies")
+    progress.start(len(paths) * len(shifts), desc)
     size = embedder.size
     out = []
     for path, digest in zip(paths, digests):

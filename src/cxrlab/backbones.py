@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 
 from .backbone_types import (  # noqa: F401  (re-exported: the backbone API lives here)
@@ -49,6 +50,12 @@ def _build_efficientnet_lite(spec: BackboneSpec, weights: Path):
 
 
 def _build_inception_v3(spec: BackboneSpec, weights: Path):
+    with warnings.catch_warnings():  # torch deprecates TorchScript, the only form these published weights come in
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _script_inception_v3(spec, weights)
+
+
+def _script_inception_v3(spec: BackboneSpec, weights: Path):
     import torch
 
     layers = torch.jit.load(str(weights), map_location="cpu").net.layers

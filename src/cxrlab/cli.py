@@ -35,6 +35,7 @@ EPILOG = {
 }
 EXIT_STATUS = ("exit status: 0 success; 1 an input or output failed (one 'error:' line says which); "
                "2 a bad option or an internal error; 130 interrupted")
+_PRINT_ONLY = " (default: none, the figures are only printed)"
 PROGRESS_MIN_FILES = 8  # predict shows a bar on a terminal from this many files
 PROGRESS_ALWAYS_FILES = 1000  # ... and even when stderr is a log file from this many
 
@@ -104,7 +105,8 @@ def add_label_from_name_option(p) -> None:
 
 def add_group_regex_option(p) -> None:
     add_flag(p, "group_regex", metavar="REGEX", type=v.regex,
-          help="regex on the relative path whose (?P<group>...) keeps one patient's images in one split")
+          help="regex on the relative path whose (?P<group>...) keeps one patient's images in one split "
+               "(default: the file name, ignoring anything after _nohash_, as in the tutorial)")
 
 
 def add_positive_label_option(p, default=None) -> None:
@@ -137,7 +139,8 @@ def add_fine_tune_options(p, what: str) -> None:
           help="fine-tuning epochs, >= 1")
     add_flag(p, "ft", action="append", default=[], metavar="KEY=VALUE", type=ft_option,
           help="a fine-tuning choice, e.g. lr=1e-4, intensity=window, input_size=299, "
-               "augment.gamma=0.3 (see cxrlab.finetune.FineTuneOptions); repeat for several")
+               "augment.gamma=0.3 (see cxrlab.finetune.FineTuneOptions); repeat for several "
+               "(default: none, the measured recipe)")
 
 
 def add_no_ood_option(p, help_: str = "score every image: no chest X-ray check, no shift warning") -> None:
@@ -163,14 +166,15 @@ def add_train_options(p) -> None:
     p.add_argument("image_dir_pos", nargs="*", metavar="IMAGE_DIR",
                    help="folder with one subfolder per class; several folders: one per site (hospital), "
                         "trained on together with figures per site; a CSV with path,label[,site] columns also works")
-    add_flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
+    add_flag(p, "image_dir", metavar="IMAGE_DIR", help="the tutorial's spelling of IMAGE_DIR (default: the IMAGE_DIR arguments)")
     add_output_option(p, "the model: model.onnx, labels.txt, cxrlab.json, report.html",
-                      default_help="; default: runs/<timestamp>/model")
+                      default_help=" (default: runs/<timestamp>/model)")
     add_backbone_option(p, t.backbone)
     add_flag(p, "bottleneck_dir", metavar="DIR", help="embedding cache folder (default: the user cache dir)")
     add_label_from_name_option(p)
     add_group_regex_option(p)
-    add_flag(p, "split_file", metavar="CSV", help="reuse the split of this CSV manifest")
+    add_flag(p, "split_file", metavar="CSV",
+          help="reuse the split of this CSV manifest (default: a new split, from a hash of each image's path)")
     add_flag(p, "testing_percentage", type=v.percentage, default=t.testing_percentage, metavar="PCT",
           help="0 to <100; with the validation share, under 100")
     add_flag(p, "validation_percentage", type=v.percentage, default=t.validation_percentage, metavar="PCT", help="0 to <100")
@@ -194,8 +198,13 @@ def add_train_options(p) -> None:
         add_flag(p, f"random_{kind}", type=v.percentage_0_100, default=getattr(t, f"random_{kind}"), metavar="PCT",
               help=f"random {kind} augmentation, percent, 0 to 100")
     add_no_ood_option(p, "save no chest X-ray check and no shift reference: the model scores every image")
+    add_flag(p, "no_shift_reference", action="store_true",
+             help="keep the chest X-ray check but fit no shift reference (no 'unlike the training images' warning): "
+                  "skips embedding site-shifted copies of up to 160 training images, most of retrain's time "
+                  "with inception-v3")
     add_flag(p, "no_report", action="store_true", help="do not write report.html")
-    add_flag(p, "summaries_dir", metavar="DIR", help="also write TensorBoard scalars into this folder (needs tensorboard)")
+    add_flag(p, "summaries_dir", metavar="DIR",
+          help="also write TensorBoard scalars into this folder (needs tensorboard) (default: none)")
     add_precision_option(p, t.precision)
     add_flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N",
              help="decode threads, >= 1 (default: up to 4, one per core); with --ray: the Ray workers that embed "
@@ -259,7 +268,8 @@ def train_kwargs(a) -> dict:
                 positive_label=a.positive_label, operating_point=a.operating_point,
                 robust_operating_point=a.robust_operating_point,
                 flip_left_right=a.flip_left_right, random_crop=a.random_crop, random_scale=a.random_scale,
-                random_brightness=a.random_brightness, ood=not a.no_ood, report=not a.no_report, seed=a.seed,
+                random_brightness=a.random_brightness, ood=not a.no_ood,
+                shift_reference=not a.no_shift_reference, report=not a.no_report, seed=a.seed,
                 summaries_dir=a.summaries_dir, precision=a.precision, runtime=a.runtime, workers=a.workers,
                 batch_size=a.batch_size, ray=getattr(a, "ray", None), **_fine_tune_args(a))
 
@@ -346,14 +356,36 @@ def _show_progress(n_files: int) -> bool:
     return n_files >= PROGRESS_ALWAYS_FILES or (n_files >= PROGRESS_MIN_FILES and _stderr_is_terminal())
 
 
+class BarForLongInputs:
+    """A progress bar (tqdm, on stderr) only for inputs long enough to want one: see _show_progress."""
+
+    def __init__(self):
+        self._bar = None
+
+    def start(self, total: int, desc: str) -> None:
+        from .progress import TqdmProgress
+
+        self._bar = TqdmProgress() if _show_progress(total) else None
+        if self._bar is not None:
+            self._bar.start(total, desc)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def predict_with_progress(model, paths, *, ood: bool = True, cluster=None) -> list:
     """model.predict over the expanded files, with a bar on stderr for long inputs; on ``cluster``
     (cluster.Cluster) with --ray."""
     from .predict import expand_paths
-    from .progress import Silent, TqdmProgress
 
     files = expand_paths(paths)
-    bar = TqdmProgress() if _show_progress(len(files)) else Silent()
+    bar = BarForLongInputs()
     if cluster is not None:
         return cluster.predict_files(model, files, ood=ood, progress=bar)
     bar.start(len(files), "predicting")
@@ -403,7 +435,7 @@ def run_predict(a) -> int:
     if a.explain:
         from .explain import explain_paths
 
-        n = len(explain_paths(model, [p.path for p in preds if not p.error], a.explain))
+        n = len(explain_paths(model, [p.path for p in preds if not p.error], a.explain, progress=BarForLongInputs()))
         print(f"{n} heatmap(s) written to {a.explain}", file=sys.stderr)
     return 1 if any(p.error for p in preds) else 0
 
@@ -528,7 +560,7 @@ def run_datasets(a) -> int:
 
     v.check_writable_dir("DEST", a.dest)
     if a.archive:
-        r = layout_archive(a.name, a.archive, a.dest, sha256=a.sha256)
+        r = layout_archive(a.name, a.archive, a.dest, sha256=a.sha256, progress=TqdmProgress(unit="file"))
     else:
         r = download(a.name, a.dest, url=a.url, sha256=a.sha256, progress=TqdmProgress(unit="B"))
     for note in r.notes:
@@ -542,7 +574,7 @@ def run_explain(a) -> int:
 
     v.check_writable_dir("--output", a.output)
     skipped: list[tuple[str, str]] = []
-    heatmaps = explain_paths(load_model_arg(a), a.paths, a.output, skipped=skipped)
+    heatmaps = explain_paths(load_model_arg(a), a.paths, a.output, skipped=skipped, progress=BarForLongInputs())
     print(f"{len(heatmaps)} heatmap(s) written to {a.output}")
     if skipped:
         print(f"Skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
@@ -574,6 +606,7 @@ def run_compare(a) -> int:
 
 def run_site_shift(a) -> int:
     from .outputs import check_output_dir, claim, model_labels
+    from .progress import TqdmProgress
     from .siteshift import format_rows, site_shift_folder
 
     inputs = [a.model, a.data]
@@ -582,7 +615,7 @@ def run_site_shift(a) -> int:
         v.check_writable_dir("--output", a.output)
         check_output_dir(a.output, "site-shift", inputs=inputs, files=["site_shift.json"],
                          classes=model_labels(a.model))
-    rows = site_shift_folder(load_model_arg(a), a.data, label_from_name=a.label_from_name)
+    rows = site_shift_folder(load_model_arg(a), a.data, label_from_name=a.label_from_name, progress=TqdmProgress())
     print("\n".join(format_rows(rows)))
     if a.output:
         from .fsutil import atomic_write_bytes
@@ -610,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                     epilog=EXIT_STATUS, formatter_class=HelpFormatter)
     add_version_option(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; 'cxrlab COMMAND --help' lists its options")
 
     def command(name, func, help_, resumable=False):
         own = EPILOG.get(name, "")
@@ -625,16 +659,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", run_predict, "label images with a trained model")
     add_model_options(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
-    add_flag(p, "top_k", type=v.positive_int, default=None, metavar="K", help="show the K best labels, K >= 1")
+    add_flag(p, "top_k", type=v.positive_int, default=None, metavar="K",
+             help="show the K best labels, K >= 1 (default: all)")
     add_flag(p, "format", choices=["text", "json", "csv"], default="text", help="how to print the predictions")
     add_no_ood_option(p)
-    add_flag(p, "explain", metavar="DIR", help="also write class activation map overlays into this folder")
+    add_flag(p, "explain", metavar="DIR",
+             help="also write class activation map overlays into this folder (default: none)")
     add_ray_option(p)
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
     add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
     add_label_from_name_option(p)
-    add_output_option(p, "metrics.json, predictions.csv and report.html")
+    add_output_option(p, "metrics.json, predictions.csv and report.html", default_help=_PRINT_ONLY)
     add_no_ood_option(p, "score every image as accepted: no chest X-ray check, no shift warning")
     add_ray_option(p)
     add_cv_options(command("cv", run_cv, "stratified, group-aware k-fold cross-validation on cached embeddings",
@@ -649,9 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["download"], help="what to do (download)")
     p.add_argument("name", choices=["shenzhen", "montgomery"], help="which data set")
     p.add_argument("dest", metavar="DEST", help="folder to lay the images out in (one subfolder per class)")
-    p.add_argument("--url", help="download from this address instead of the official one")
-    p.add_argument("--sha256", help="expected SHA-256 of the archive")
-    p.add_argument("--archive", metavar="FILE", help="lay out an archive you already downloaded (no network)")
+    p.add_argument("--url", help="download from this address (default: the NLM site, then its Open-i mirror)")
+    p.add_argument("--sha256", help="expected SHA-256 of the archive (default: the digest recorded at its first "
+                                    "download, checked on every later run)")
+    p.add_argument("--archive", metavar="FILE", help="lay out an archive you already downloaded, no network "
+                                                     "(default: download it)")
     p = command("explain", run_explain, "write class activation map overlays (where the model looked)")
     add_model_options(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (repeat for several)")
@@ -659,13 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "summary", action="store_true", help="print the share of heat in the image border")
     p = command("compare", run_compare, "tabulate metrics and overlay the ROC curves of several runs or evaluations")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="a 'train --output' model dir or an 'evaluate --output' dir")
-    add_output_option(p, "compare.html and compare.json")
-    add_flag(p, "names", help="comma-separated names for the rows, one per DIR")
+    add_output_option(p, "compare.html and compare.json", default_help=_PRINT_ONLY)
+    add_flag(p, "names", help="comma-separated names for the rows, one per DIR (default: the folder names)")
     p = command("site-shift", run_site_shift, "AUC and sens/spec at the stored operating point under simulated hospital differences")
     add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
     add_label_from_name_option(p)
-    add_output_option(p, "site_shift.json (the rows as JSON)")
+    add_output_option(p, "site_shift.json (the rows as JSON)", default_help=_PRINT_ONLY)
     add_serve_options(command("serve", run_serve, "a local web page and REST API"))
     return parser
 
@@ -688,16 +726,17 @@ def add_serve_options(p) -> None:
     p.add_argument("--port", type=v.port, default=8000, help="1 to 65535")
     add_flag(p, "allowed_host", action="append", metavar="NAME",
                    help="a Host name clients use besides localhost and --host (repeatable; '*' allows any, "
-                        "which turns off the DNS-rebinding guard)")
-    add_flag(p, "max_upload_mb", type=float, metavar="MB", help="largest file (default 32)")
+                        "which turns off the DNS-rebinding guard) (default: none)")
+    add_flag(p, "max_upload_mb", type=float, metavar="MB", help="largest file (default: 32)")
     add_flag(p, "max_request_mb", type=float, metavar="MB",
-                   help="largest request body, all files together (default 128)")
+                   help="largest request body, all files together (default: 128, or 32 x --max-upload-mb + 1 "
+                        "when that is less)")
     add_flag(p, "max_decode_mb", type=float, metavar="MB",
-                   help="memory one image may take to decode, estimated from its header (default 1024)")
+                   help="memory one image may take to decode, estimated from its header (default: 1024)")
     add_flag(p, "decode_budget_mb", type=float, metavar="MB",
-                   help="decode memory of all images in flight together (default 2048)")
+                   help="decode memory of all images in flight together (default: 2048)")
     add_flag(p, "request_timeout", type=float, metavar="SECONDS",
-                   help="time allowed for a request body to arrive (default 60)")
+                   help="time allowed for a request body to arrive (default: 60)")
 
 def add_cv_options(p) -> None:
     t = TrainOptions()  # cv shares train's defaults, but for its folds and its positive class
@@ -715,7 +754,7 @@ def add_cv_options(p) -> None:
     add_precision_option(p, d["precision"])
     add_fine_tune_options(p, "per fold, as `cxrlab train --fine-tune` does (slow)")
     add_seed_option(p, d["seed"])
-    add_output_option(p, "metrics.json")
+    add_output_option(p, "metrics.json", default_help=_PRINT_ONLY)
     add_ray_option(p)
 
 

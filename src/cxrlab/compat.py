@@ -82,6 +82,10 @@ def _lines(path: Path) -> list[str] | None:
 
 
 def retrain_main(argv=None) -> int:
+    return run_parser(build_retrain_parser(), argv)
+
+
+def build_retrain_parser() -> Parser:
     p = Parser(prog="retrain", description="The TensorFlow retrain.py tutorial's command, run by cxrlab.",
                epilog=EXIT_STATUS, formatter_class=HelpFormatter)
     add_version_option(p)
@@ -89,6 +93,8 @@ def retrain_main(argv=None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     # embeddings go to the private per-user cache, never a shared /tmp folder
     p.set_defaults(func=_run_retrain, backbone=None, resumable=True)
+    backbone = next(a for a in p._actions if a.dest == "backbone")  # argparse offers no public way to edit a help
+    backbone.help += " (default: the one --architecture names)"
     add_flag(p, "output_graph", default="/tmp/output_graph.pb", metavar="FILE",
           help="the trained graph, written as ONNX (cxrlab's analogue of the .pb)")
     add_flag(p, "output_labels", default="/tmp/output_labels.txt", metavar="FILE", help="the class names, one a line")
@@ -96,7 +102,7 @@ def retrain_main(argv=None) -> int:
           help="inception_v3 (the tutorial's) or any cxrlab backbone; --backbone, when given, wins")
     for ignored in ("model_dir", "final_tensor_name", "intermediate_output_graphs_dir", "intermediate_store_frequency"):
         add_flag(p, ignored, help="accepted for compatibility; not used")
-    return run_parser(p, argv)
+    return p
 
 
 def _run_label_image(a) -> int:
@@ -112,6 +118,10 @@ def _run_label_image(a) -> int:
 
 
 def label_image_main(argv=None) -> int:
+    return run_parser(build_label_image_parser(), argv)
+
+
+def build_label_image_parser() -> Parser:
     p = Parser(prog="label_image", description="The tutorial's label_image, on a cxrlab model.",
                epilog="exit status: 0 when every image was labelled, 1 when any could not be read; "
                       "2 a bad option or an internal error", formatter_class=HelpFormatter)
@@ -125,7 +135,7 @@ def label_image_main(argv=None) -> int:
         add_flag(p, ignored, help="accepted for compatibility: the preprocessing lives in the model")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=_run_label_image)
-    return run_parser(p, argv)
+    return p
 
 
 if __name__ == "__main__":

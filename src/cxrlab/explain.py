@@ -20,6 +20,7 @@ from .errors import DataError, ImageError, ModelDirError
 from .fsutil import atomic_write_bytes
 from .outputs import check_output_dir, claim, made_by_cxrlab, model_labels
 from .predict import Model, expand_paths, load_model
+from .progress import Progress, resolve
 
 
 @dataclass
@@ -245,30 +246,42 @@ def _heatmap_stems(out: Path, files: list[str]) -> list[str]:
 
 
 def explain_paths(model, paths, output_dir: str | os.PathLike, *,
-                  skipped: list[tuple[str, str]] | None = None) -> list[Heatmap]:
+                  skipped: list[tuple[str, str]] | None = None, progress: Progress | None = None) -> list[Heatmap]:
     """Write <stem>.png (overlay) and <stem>.npy (the raw (h, w) map) per readable image
     (<stem>-2... when two files share a name or the name is taken); unreadable files go to
-    ``skipped`` as (path, reason)."""
+    ``skipped`` as (path, reason); ``progress`` advances once per file."""
     paths = list(paths) if isinstance(paths, (list, tuple)) else [paths]
     out = check_output(output_dir, model, paths)
     files = expand_paths(paths)
     stems = _heatmap_stems(out, files)
     claim(out, "explain", files=[f"{stem}{x}" for stem in stems for x in HEATMAP_SUFFIXES])
     results = []
-    for path, stem in zip(files, stems):
-        try:
-            array, img = _load(model, read_file(path), path)
-            hm = explain_array(model, array, img.pixels, path, img)
-        except ImageError as exc:  # unreadable, or refused as not a chest X-ray
-            if skipped is not None:
-                skipped.append((path, exc.reason))
-            continue
-        atomic_write_bytes(out / f"{stem}.png", overlay_png(hm, img.pixels))
-        buf = io.BytesIO()
-        np.save(buf, hm.cam, allow_pickle=False)
-        atomic_write_bytes(out / f"{stem}.npy", buf.getvalue())
-        results.append(hm)
+    progress = resolve(progress)
+    progress.start(len(files), "explaining")
+    try:
+        for path, stem in zip(files, stems):
+            hm = _explain_one(model, path, out, stem, skipped)
+            if hm is not None:
+                results.append(hm)
+            progress.advance()
+    finally:
+        progress.close()
     return results
+
+
+def _explain_one(model, path: str, out: Path, stem: str, skipped: list | None) -> Heatmap | None:
+    try:
+        array, img = _load(model, read_file(path), path)
+        hm = explain_array(model, array, img.pixels, path, img)
+    except ImageError as exc:  # unreadable, or refused as not a chest X-ray
+        if skipped is not None:
+            skipped.append((path, exc.reason))
+        return None
+    atomic_write_bytes(out / f"{stem}.png", overlay_png(hm, img.pixels))
+    buf = io.BytesIO()
+    np.save(buf, hm.cam, allow_pickle=False)
+    atomic_write_bytes(out / f"{stem}.npy", buf.getvalue())
+    return hm
 
 
 @dataclass

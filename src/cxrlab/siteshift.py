@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .decode import resize
+from .progress import Progress, resolve
 
 
 def _stretch(p: np.ndarray, fx: float, fy: float) -> np.ndarray:
@@ -97,23 +98,31 @@ def shifted_inputs(pixels: list[np.ndarray], size: int, shift: str) -> np.ndarra
 
 
 def shift_rows(y: np.ndarray, pixels: list[np.ndarray], size: int, score: Callable[[np.ndarray], np.ndarray],
-               threshold: float, shifts=None) -> list[dict]:
+               threshold: float, shifts=None, progress: Progress | None = None) -> list[dict]:
     """AUC and sensitivity/specificity at ``threshold`` for each shift; ``score`` maps inputs to P(positive)."""
     from .metrics import binary_report, meets_who
 
     y = np.asarray(y, np.int64)
+    shifts = shifts or SUITE
+    progress = resolve(progress)
+    progress.start(len(shifts) * len(pixels), f"scoring {len(shifts)} site shifts")
     rows = []
-    for name in shifts or SUITE:
-        s = score(shifted_inputs(pixels, size, name))
-        rep = binary_report(y, s, threshold)
-        rows.append({"shift": name, "n": int(len(y)), "auc": rep["auc"], "sensitivity": rep["sensitivity"],
-                     "specificity": rep["specificity"], "accuracy": rep["accuracy"],
-                     "meets_who": meets_who(rep["sensitivity"], rep["specificity"])})
+    try:
+        for name in shifts:
+            s = score(shifted_inputs(pixels, size, name))
+            progress.advance(len(pixels))
+            rep = binary_report(y, s, threshold)
+            rows.append({"shift": name, "n": int(len(y)), "auc": rep["auc"], "sensitivity": rep["sensitivity"],
+                         "specificity": rep["specificity"], "accuracy": rep["accuracy"],
+                         "meets_who": meets_who(rep["sensitivity"], rep["specificity"])})
+    finally:
+        progress.close()
     return rows
 
 
-def site_shift_table(model, paths, labels, shifts=None) -> list[dict]:
-    """Rows per shift for a loaded model (cxrlab.load_model): ``labels`` are label names or 0/1 (1 = positive)."""
+def site_shift_table(model, paths, labels, shifts=None, progress: Progress | None = None) -> list[dict]:
+    """Rows per shift for a loaded model (cxrlab.load_model): ``labels`` are label names or 0/1 (1 = positive);
+    ``progress`` sees the decoding, then the scoring of every shifted copy."""
     from .decode import decode_image
     from .errors import DataError, ImageError
 
@@ -122,25 +131,33 @@ def site_shift_table(model, paths, labels, shifts=None) -> list[dict]:
     pos = model.labels.index(model.positive_label)
     y = np.array([int(lab == model.positive_label) if isinstance(lab, str) else int(lab) for lab in labels])
     pixels, keep = [], []
-    for i, p in enumerate(paths):
-        try:
-            pixels.append(decode_image(os.fspath(p)).pixels)
-            keep.append(i)
-        except ImageError:
-            continue
+    progress = resolve(progress)
+    progress.start(len(paths), "decoding")
+    try:
+        for i, p in enumerate(paths):
+            try:
+                pixels.append(decode_image(os.fspath(p)).pixels)
+                keep.append(i)
+            except ImageError:
+                pass
+            progress.advance()
+    finally:
+        progress.close()
 
     def score(batch: np.ndarray) -> np.ndarray:
         out = [model.run(batch[i : i + 32])["probabilities"][:, pos] for i in range(0, len(batch), 32)]
         return np.concatenate(out)
 
-    return shift_rows(y[keep], pixels, model.input_size, score, float(model.threshold), shifts)
+    return shift_rows(y[keep], pixels, model.input_size, score, float(model.threshold), shifts, progress)
 
 
-def site_shift_folder(model, data_dir: str | os.PathLike, *, label_from_name: str | None = None, shifts=None) -> list[dict]:
+def site_shift_folder(model, data_dir: str | os.PathLike, *, label_from_name: str | None = None, shifts=None,
+                      progress: Progress | None = None) -> list[dict]:
     from .discover import discover
 
     ds = discover(Path(data_dir), label_from_name=label_from_name, min_per_class=0, require_classes=1)
-    return site_shift_table(model, [Path(data_dir) / s.relpath for s in ds.samples], [s.label for s in ds.samples], shifts)
+    return site_shift_table(model, [Path(data_dir) / s.relpath for s in ds.samples], [s.label for s in ds.samples],
+                            shifts, progress)
 
 
 def format_rows(rows: list[dict]) -> list[str]:

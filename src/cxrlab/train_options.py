@@ -51,6 +51,7 @@ class TrainOptions:
     random_brightness: float = 0.0
     distortion_copies: int = 4
     ood: bool = True
+    shift_reference: bool = True
     report: bool = True
     seed: int = 0
     on_step: Callable[[StepInfo], None] | None = None
