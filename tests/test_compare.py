@@ -45,7 +45,7 @@ def test_cli_compare_prints_rows_and_writes_roc(two_dirs, tmp_path, capsys):
     assert [r["name"] for r in data["runs"]] == ["internal", "external"]
     assert data["runs"][0]["kind"].startswith("train") and data["runs"][1]["kind"] == "evaluation"
     assert data["runs"][1]["n"] == 12
-    metrics = json.loads((model / "metrics.json").read_text())["test"]
+    metrics = json.loads((model.with_name("model.run") / "metrics.json").read_text())["test"]
     assert data["runs"][0]["sensitivity"] == pytest.approx(metrics["sensitivity"])
     assert data["runs"][0]["auc"] == pytest.approx(metrics["auc"])  # recomputed from predictions.csv
     text = (out / "compare.html").read_text()
