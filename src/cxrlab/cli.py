@@ -143,7 +143,8 @@ def add_train_options(p) -> None:
                    help="folder with one subfolder per class; several folders: one per site (hospital), "
                         "trained on together with figures per site; a CSV with path,label[,site] columns also works")
     add_flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
-    add_output_option(p, "the model: model.onnx, labels.txt, cxrlab.json, report.html",
+    add_output_option(p, "the deployable model: model.onnx, labels.txt, cxrlab.json, MODEL_CARD.md; the run's "
+                         "report.html, predictions and split.csv go beside it, into DIR.run",
                       default_help="; default: runs/<timestamp>/model")
     add_backbone_option(p, t.backbone)
     add_flag(p, "bottleneck_dir", metavar="DIR", help="embedding cache folder (default: the user cache dir)")

@@ -17,9 +17,9 @@ from pathlib import Path
 from .fsutil import atomic_write_bytes
 from .jsonutil import json_bytes
 from .metrics import percent
+from .outputs import MODEL_DOCS
 
-CARD_FILE = "MODEL_CARD.md"
-EVALUATIONS_FILE = "evaluations.json"
+CARD_FILE, EVALUATIONS_FILE = MODEL_DOCS
 
 
 def render_card(info: dict, evaluations: list[dict] = (), name: str = "model") -> str:

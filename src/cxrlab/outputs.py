@@ -30,6 +30,7 @@ MARKER = ".cxrlab-output"
 MODEL_INFO = "cxrlab.json"
 REPORT_FILES = ("metrics.json", "predictions.csv", "report.html")  # an evaluation (report.write_evaluation)
 RUN_FILES = ("split.csv", *REPORT_FILES)  # a training run, besides the model files
+MODEL_DOCS = ("MODEL_CARD.md", "evaluations.json")  # a model folder's documentation (see cxrlab.modelcard)
 RUN_SUFFIX = ".run"  # `train --output M` writes the run's report, predictions and split into M.run/ beside M
 DATASET_ENTRIES = (".downloads", "abnormal", "normal")
 DATA_COMMANDS = frozenset({"datasets"})  # what they make is data, never an output folder of another command
@@ -81,7 +82,7 @@ def _legacy(folder: Path) -> Made | None:
     info = _json_dict(folder / MODEL_INFO)
     if info is None or "schema_version" not in info or not isinstance(info.get("files"), dict):
         return None
-    names = [MODEL_INFO, *map(str, info["files"]), *RUN_FILES]
+    names = [MODEL_INFO, *map(str, info["files"]), *MODEL_DOCS, *RUN_FILES]
     return Made("train", {name: "train" for name in names})
 
 
