@@ -79,6 +79,6 @@ def test_compare_html_escapes_and_shows_each_run(two_dirs, tmp_path):
     assert "<b>mine</b>" not in text and "&lt;b&gt;mine&lt;/b&gt;" in text and "it&#39;s" in text
     for run in r["runs"]:
         assert f"{run['auc']:.3f} [{run['auc_ci'][0]:.3f}-{run['auc_ci'][1]:.3f}]" in text
-        assert f"{100 * run['sensitivity']:.1f}% [{100 * run['sensitivity_ci'][0]:.1f}-" in text
+        assert f"{100 * run['sensitivity']:.1f}% [{100 * run['sensitivity_ci'][0]:.1f}%-" in text  # % with % CIs
     assert text.count("<tr>") == 3  # header and one row per run
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["runs"][0]["name"] == "<b>mine</b>"
