@@ -126,7 +126,8 @@ def _append_to_card(model: Model, data_dir: Path, output: Path, metrics: dict, n
     try:
         if json.loads(on_disk.read_text(encoding="utf-8")).get("info_sha256") != model.info.get("info_sha256"):
             raise OutputError("its cxrlab.json changed since the model was loaded")
-        return record_evaluation(model.directory, model.info, data=str(data_dir), report=str(output / "report.html"),
+        return record_evaluation(model.directory, model.info, data=os.path.abspath(data_dir),
+                                 report=os.path.abspath(output / "report.html"),
                                  figures=metrics["all"], n_rejected=metrics.get("n_rejected", 0))
     except (OSError, ValueError, OutputError) as exc:
         notes.append(f"the model card in {model.directory} was not updated: {exc}")

@@ -394,8 +394,9 @@ def sample_warning(report: dict | None) -> str | None:
         parts.append("only " + ", ".join(f"{n} {name}" for name, n in few.items()) + " image(s)")
     if degenerate:
         parts.append(f"a 95% CI of zero width ({', '.join(degenerate)})")
-    return (f"these figures rest on {' and '.join(parts)}: they are unreliable; test on at least "
-            f"{MIN_RELIABLE_PER_CLASS} images of each class")
+    advice = (f"test on at least {MIN_RELIABLE_PER_CLASS} images of each class" if few else
+              "an interval of zero width understates the uncertainty; more images are needed")
+    return f"these figures rest on {' and '.join(parts)}: they are unreliable; {advice}"
 
 
 def test_report(y_idx, probs, labels: list[str], positive: int | None, threshold: float | None,

@@ -93,7 +93,8 @@ def _figure_rows(m: dict) -> list[str]:
                     + " |")
     for key in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
         if key in m:
-            rows.append(f"| {key if len(key) > 3 else key.upper()} [95% CI] | {percent(m[key], m.get(f'{key}_ci'))} |")
+            rows.append(f"| {key.capitalize() if len(key) > 3 else key.upper()} [95% CI] | "
+                        f"{percent(m[key], m.get(f'{key}_ci'))} |")
     return rows
 
 

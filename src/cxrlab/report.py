@@ -193,7 +193,7 @@ def _verdict(report, binary) -> dict:
         status = report.get("who_status") or ("meets" if "-> meets" in text else "fails")
         return {"cls": {"meets": "meets", "inconclusive": "inconclusive"}.get(status, "fails"), "text": text}
     why = "binary test metrics are not available" if binary else "not a binary task"
-    return {"cls": "na", "text": f"WHO TPP verdict: n/a ({why})"}
+    return {"cls": "na", "text": f"WHO target product profile verdict: n/a ({why})"}
 
 
 def _warnings(report, by_site) -> list[str]:
