@@ -347,8 +347,8 @@ def test_label_image_on_corpus(corpus, corpus_run, capsys):
             continue
         i = files.index(paths[case])
         body = blocks[i + 1].splitlines()
-        if CASES[case][2] == OK:
-            assert "(score = " in body[0], case
+        if CASES[case][2] == OK:  # the decision (at the graph's own threshold) first, then the scores
+            assert body[0].startswith("decision: ") and "(score = " in body[1], case
         else:
             assert body[0].startswith("error: ") and CASES[case][3] in body[0], case
 

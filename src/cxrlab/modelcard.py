@@ -22,10 +22,12 @@ from .outputs import MODEL_DOCS
 CARD_FILE, EVALUATIONS_FILE = MODEL_DOCS
 
 
-def render_card(info: dict, evaluations: list[dict] = (), name: str = "model") -> str:
-    """MODEL_CARD.md's text from a model's cxrlab.json content and its external evaluation records."""
+def render_card(info: dict, evaluations: list[dict] = ()) -> str:
+    """MODEL_CARD.md's text from a model's cxrlab.json content and its external evaluation records (nothing
+    else: the same model gives the same card, wherever its folder is)."""
     positive, labels = info.get("positive_label"), list(info.get("labels") or [])
-    lines = [f"# Model card: {name}", "",
+    task = " / ".join(f"`{lab}`" for lab in info.get("labels") or [])
+    lines = [f"# Model card: chest X-ray classifier ({task})", "",
              "**Not a medical device.** For research and education only; it must not be used to diagnose, treat "
              "or exclude disease in any person.", "",
              f"Written by {info.get('created_by', 'cxrlab')} from `cxrlab.json` (SHA-256 "
@@ -169,12 +171,8 @@ def write_card(model_dir: str | os.PathLike, info: dict) -> Path:
     """(Re)write MODEL_CARD.md from ``info`` and the evaluation records that belong to this cxrlab.json."""
     model_dir = Path(model_dir)
     path = model_dir / CARD_FILE
-    atomic_write_bytes(path, render_card(info, read_evaluations(model_dir, info), _name(model_dir)).encode("utf-8"))
+    atomic_write_bytes(path, render_card(info, read_evaluations(model_dir, info)).encode("utf-8"))
     return path
-
-
-def _name(model_dir: Path) -> str:
-    return Path(os.path.abspath(model_dir)).name
 
 
 def read_evaluations(model_dir: str | os.PathLike, info: dict) -> list[dict]:

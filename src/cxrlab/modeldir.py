@@ -65,7 +65,7 @@ def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[
         raise ModelDirError(f"{directory}: not written: cxrlab.json refers to files {needed_files(info)} "
                             f"but only {sorted(files)} were given")
     files[INFO_FILE] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    files[CARD_FILE] = render_card(info, name=real.name).encode("utf-8")  # documentation: outside the record
+    files[CARD_FILE] = render_card(info).encode("utf-8")  # documentation: outside the record
     files[MARKER] = marker_bytes("train", {name: "train" for name in files})
     staging = make_temp_dir(real.parent, f".{real.name}.")
     try:
