@@ -94,7 +94,7 @@ def test_model_card_and_appended_evaluations(trained, tmp_path):
     assert r.model_card == model / "MODEL_CARD.md"
     card = r.model_card.read_text()
     assert "None yet" not in card and str(tmp_path / "eval" / "report.html") in card
-    assert card.count("WHO target product profile") == 2
+    assert card.count("WHO target product profile for TB triage (") == 2  # own test and this evaluation
     cxrlab.load_model(model)  # the card and its record are outside the SHA-256 record: still intact
     cxrlab.evaluate(model, root, output=tmp_path / "eval2")
     assert len(json.loads((model / "evaluations.json").read_text())) == 2
