@@ -69,6 +69,11 @@ def test_labelled_adaptation_sets_the_site_operating_point_with_intervals(parent
     assert info["adapted"]["n_labelled"] == 48
     if native_bf16():  # re-checked on the site's labelled films
         assert info["runtime"]["bf16"]["data"] == "the site's labelled films" and info["runtime"]["bf16"]["n"] == 48
+    import onnx  # model.onnx alone carries the adapted decision, not its parent's
+
+    meta = {m.key: m.value for m in onnx.load(str(tmp_path / "adapted" / "model.onnx")).metadata_props}
+    assert float(meta["threshold"]) == op["threshold"] and json.loads(meta["labels"]) == info["labels"]
+    assert f"{op['threshold']:.4f}" in (tmp_path / "adapted" / "MODEL_CARD.md").read_text()
 
 
 def test_adapt_refuses_to_write_over_its_parent_and_too_few_images(parent, new_site, tmp_path):

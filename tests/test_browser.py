@@ -44,7 +44,7 @@ def sync_api():
 def trained(shenzhen_dir, shenzhen_run):
     """The session's model trained on the shared Shenzhen set, and one abnormal image from its test split."""
     result, _ = shenzhen_run
-    with open(Path(result.model_dir) / "split.csv", newline="") as f:
+    with open(Path(result.run_dir) / "split.csv", newline="") as f:
         test_rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     row = next(r for r in test_rows if r["label"] == "abnormal")
     return Path(result.model_dir), shenzhen_dir / row["relpath"]

@@ -45,7 +45,7 @@ def test_cli_compare_prints_rows_and_writes_roc(two_dirs, tmp_path, capsys):
     assert [r["name"] for r in data["runs"]] == ["internal", "external"]
     assert data["runs"][0]["kind"].startswith("train") and data["runs"][1]["kind"] == "evaluation"
     assert data["runs"][1]["n"] == 12
-    metrics = json.loads((model / "metrics.json").read_text())["test"]
+    metrics = json.loads((model.with_name("model.run") / "metrics.json").read_text())["test"]
     assert data["runs"][0]["sensitivity"] == pytest.approx(metrics["sensitivity"])
     assert data["runs"][0]["auc"] == pytest.approx(metrics["auc"])  # recomputed from predictions.csv
     text = (out / "compare.html").read_text()
@@ -79,6 +79,6 @@ def test_compare_html_escapes_and_shows_each_run(two_dirs, tmp_path):
     assert "<b>mine</b>" not in text and "&lt;b&gt;mine&lt;/b&gt;" in text and "it&#39;s" in text
     for run in r["runs"]:
         assert f"{run['auc']:.3f} [{run['auc_ci'][0]:.3f}-{run['auc_ci'][1]:.3f}]" in text
-        assert f"{100 * run['sensitivity']:.1f}% [{100 * run['sensitivity_ci'][0]:.1f}-" in text
+        assert f"{100 * run['sensitivity']:.1f}% [{100 * run['sensitivity_ci'][0]:.1f}%-" in text  # % with % CIs
     assert text.count("<tr>") == 3  # header and one row per run
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["runs"][0]["name"] == "<b>mine</b>"

@@ -359,7 +359,7 @@ def test_non_utf8_file_name_in_training_folder(tmp_path, tiny):
     assert rc == 0 and (tmp_path / "model" / "model.onnx").is_file()
     note = [line for line in err.splitlines() if "not valid UTF-8" in line]
     assert len(note) == 1 and "2 file(s) or folder(s)" in note[0] and "\\xe9t\\xe9/" in note[0], err
-    rel = {e.relpath for e in Manifest.read(tmp_path / "model" / "split.csv").entries}
+    rel = {e.relpath for e in Manifest.read(tmp_path / "model.run" / "split.csv").entries}
     assert len(rel) == 23 and all(r.isprintable() for r in rel)
 
 

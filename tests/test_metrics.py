@@ -13,7 +13,7 @@ from cxrlab.errors import DataError
 from cxrlab.metrics import (
     WHO_MIN_SENSITIVITY, WHO_MIN_SPECIFICITY, average_precision, binary_report, bootstrap_ci, brier_score,
     delong_ci, expected_calibration_error, multiclass_report, pr_curve, reliability_bins, roc_auc,
-    roc_band, roc_curve, who_verdict, wilson_ci,
+    roc_band, roc_curve, who_verdict, wilson_ci, who_assessment, sample_warning, percent, test_report,
 )
 
 # Hand example: positives score 0.35, 0.7, 0.9; negatives 0.1, 0.4, 0.8.
@@ -290,17 +290,47 @@ def test_report_is_json_safe_with_none():
 
 
 def test_who_verdict_format():
+    """Spelled out, % with % CIs, and each criterion judged by its CI: fails (CI below), inconclusive (CI holds
+    the target), met (CI above)."""
     rep = {"sensitivity": 0.912, "sensitivity_ci": [0.85, 0.95],
            "specificity": 0.74, "specificity_ci": [0.661, 0.806]}
     assert who_verdict(rep) == (
-        "WHO TPP (sens >= 90%, spec >= 70%): sensitivity 91.2% [85.0-95.0], "
-        "specificity 74.0% [66.1-80.6] -> meets")
-    rep["specificity"] = 0.69
-    assert who_verdict(rep).endswith("-> does not meet")
+        "WHO target product profile for TB triage (sensitivity >= 90%, specificity >= 70%): sensitivity 91.2% "
+        "[85.0%-95.0%], specificity 74.0% [66.1%-80.6%] -> inconclusive (sensitivity inconclusive: its 95% CI "
+        "contains 90%; specificity inconclusive: its 95% CI contains 70%)")
+    assert who_assessment(rep)["verdict"] == "inconclusive"
+    rep.update(specificity=0.6, specificity_ci=[0.5, 0.65])
+    assert who_verdict(rep).endswith("-> does not meet (specificity fails: its whole 95% CI lies below 70%; "
+                                     "sensitivity inconclusive: its 95% CI contains 90%)")
+    assert who_assessment(rep)["criteria"]["specificity"]["status"] == "fails"
     strong = {"sensitivity": 0.97, "sensitivity_ci": [0.92, 0.99],
               "specificity": 0.85, "specificity_ci": [0.75, 0.9]}
-    assert who_verdict(strong).endswith("-> meets (also at the lower 95% bound)")
-    assert "sens >= 85%" in who_verdict(strong, min_sensitivity=0.85)
-    assert who_verdict({"sensitivity": None, "specificity": 0.8}).endswith("does not meet")
+    assert who_verdict(strong).endswith("-> meets (both targets reached even at the lower end of their 95% CIs)")
+    assert "sensitivity >= 85%" in who_verdict(strong, min_sensitivity=0.85)
+    assert who_verdict({"sensitivity": None, "specificity": 0.8}).endswith("cannot be judged (sensitivity not measured)")
+    assert who_assessment({"sensitivity": 0.95, "specificity": 0.5})["verdict"] == "fails"  # no CI: the point decides
+
+
+def test_small_samples_are_flagged_as_unreliable():
+    """A 5-image test split (AUC 1.000 [1.000-1.000]) carries a warning; a large one does not."""
+    y = np.array([1, 1, 1, 0, 0])
+    tiny = binary_report(y, np.array([0.9, 0.8, 0.7, 0.2, 0.1]), 0.5)
+    assert tiny["auc_ci"] == [1.0, 1.0]
+    warning = sample_warning(tiny)
+    assert "only 3 positive, 2 negative image(s)" in warning and "zero width (auc" in warning
+    assert "unreliable" in warning
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(60, int), np.zeros(60, int)]
+    big = binary_report(y, np.r_[rng.normal(1, 1, 60), rng.normal(0, 1, 60)], 0.5)
+    assert sample_warning(big) is None
+    assert test_report(np.r_[np.zeros(3, int), np.ones(2, int)], np.tile([0.3, 0.7], (5, 1)), ["a", "b"], 1,
+                       0.5)["sample_warning"]
+
+
+def test_percent_is_one_style():
+    assert percent(0.9123, [0.85, 0.95]) == "91.2% [85.0%-95.0%]"
+    assert percent(None) == "n/a" and percent(0.5) == "50.0%"
+
+
     assert (WHO_MIN_SENSITIVITY, WHO_MIN_SPECIFICITY) == (0.90, 0.70)
 

@@ -114,6 +114,12 @@ def test_swapped_labels_file_is_refused_for_a_bare_graph(trained, tmp_path, imag
     ok = tmp_path / "ok.txt"
     ok.write_bytes(b"abnormal\r\n\r\nnormal\r\n")
     assert Model.from_graph(model_dir / "model.onnx", ok).labels == LABELS
+    # alone, the graph's metadata still carry the shipped decision: the same threshold, the same answers
+    bare = Model.from_graph(model_dir / "model.onnx", ok)
+    full = Model(model_dir)
+    assert bare.threshold == full.threshold and bare.positive_label == full.positive_label == "abnormal"
+    assert [p.label for p in bare.predict([str(image)], ood=False)] == \
+        [p.label for p in full.predict([str(image)], ood=False)]
 
 
 def test_swapped_labels_file_is_refused_beside_a_retrain_directory(trained, tmp_path, image, capsys):

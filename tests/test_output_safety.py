@@ -317,3 +317,18 @@ def test_train_side_folders_never_land_in_the_data(proj, tmp_path, flag):
         del args[args.index(flag):args.index(flag) + 2]
     refused([*args, flag, str(proj["abnormal"] / "tb")], proj["root"], "inside")
     assert not (tmp_path / "m").exists()
+
+
+def test_train_run_folder_beside_the_model_follows_the_same_rules(proj, tmp_path):
+    """`--output m` also writes m.run/ (report, predictions, split): a user's folder of that name is refused before
+    any work, and a second run replaces only its own run files."""
+    out = tmp_path / "m"
+    mine = tmp_path / "m.run"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file")
+    refused(argv("train", proj, out, tmp_path), tmp_path, "m.run", "the run folder beside --output")
+    assert not (tmp_path / "bn").exists() and not out.exists()
+    (mine / "notes.txt").unlink()
+    assert cli(argv("train", proj, out, tmp_path))[0] == 0
+    assert (mine / "split.csv").is_file() and not (out / "split.csv").exists()
+    assert cli(argv("train", proj, out, tmp_path))[0] == 0  # its own run folder is reused

@@ -210,3 +210,48 @@ def test_json_safe():
                    "t": [3, None]}
     assert type(got["arr"][0]) is int and type(got["flag"]) is bool
     assert json.loads(json_bytes({"a": [float("-inf"), np.float64(2.5)]})) == {"a": [None, 2.5]}
+
+
+def test_confusion_matrix_counts_the_tables_images(tmp_path):
+    """An evaluation counts a refused film as not flagged: the confusion matrix shows the table's counts (it used
+    to count only the scored rows, so the two disagreed), and a tiny split carries a visible warning."""
+    from cxrlab.metrics import with_sample_warning
+    from cxrlab.report import confusion
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((300, 200), 128, np.uint8), "L").save(img)
+    truth = ["tb", "tb", "tb", "normal", "normal", "tb"]  # the last film was refused as not a chest X-ray
+    scores = [0.9, 0.8, 0.3, 0.7, 0.1, None]
+    rows = [{"path": str(img), "true_label": t, "scores": None if s is None else [1 - s, s],
+             "predicted_label": "refused" if s is None else ("tb" if s >= 0.5 else "normal"),
+             "correct": s is not None and (s >= 0.5) == (t == "tb"), "split": "external",
+             "refused": "a photo" if s is None else None} for t, s in zip(truth, scores)]
+    rep = with_sample_warning(binary_report(np.array([t == "tb" for t in truth], int),
+                                            np.array([s or 0.0 for s in scores]), 0.5))
+    cm = confusion([r for r in rows if r["scores"] is not None], ["normal", "tb"], "tb", rep)
+    assert cm.tolist() == [[rep["tn"], rep["fp"]], [rep["fn"], rep["tp"]]] == [[1, 1], [2, 2]]
+    write_evaluation(tmp_path / "out", title="t", rows=rows, labels=["normal", "tb"], positive_label="tb",
+                     threshold=0.5, metrics=rep, rejected=[(str(img), "a photo")])
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert "confusion matrix at the operating point, the images of the metrics table (rows true, columns predicted)" \
+        in _check_html(text)
+    assert "Warning: these figures rest on only 4 positive, 2 negative image(s)" in text
+    assert "2 / 1 / 1 / 2" in text  # TP / FP / TN / FN in the table
+
+
+def test_who_verdict_box_tells_inconclusive_from_fails(tmp_path):
+    from cxrlab.metrics import who_assessment
+
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(40, int), np.zeros(40, int)]
+    s = np.clip(np.r_[rng.normal(0.7, 0.2, 40), rng.normal(0.4, 0.2, 40)], 0, 1)
+    rep = binary_report(y, s, 0.5)
+    rep["who_verdict"], rep["who_status"] = who_verdict(rep), who_assessment(rep)["verdict"]
+    rows = [{"path": f"p{i}.png", "true_label": "tb" if t else "normal", "scores": [1 - p, p],
+             "predicted_label": "tb" if p >= 0.5 else "normal", "correct": (p >= 0.5) == bool(t), "split": "test"}
+            for i, (t, p) in enumerate(zip(y, s))]
+    write_evaluation(tmp_path / "out", title="t", rows=rows, labels=["normal", "tb"], positive_label="tb",
+                     threshold=0.5, metrics=rep)
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert f"class='verdict {'inconclusive' if rep['who_status'] == 'inconclusive' else 'fails'}'" in text
+    assert "WHO target product profile for TB triage" in text and "small-sample" not in text

@@ -24,7 +24,8 @@ def test_train_report_shows_heatmaps(tmp_path):
     backbone = f"onnx:{write_tiny_backbone(tmp_path / 'tiny.onnx')}"
     result = cxrlab.train(root, output=out, backbone=backbone, validation_percentage=25, testing_percentage=30,
                           ood=False)
-    text = (out / "report.html").read_text()
+    assert result.report_path == tmp_path / "model.run" / "report.html"  # beside the model, not in it
+    text = result.report_path.read_text()
     assert "<h2>Where the model looked</h2>" in text
     assert "Every map below shares one colour scale" in text and "inferno" in text
     pngs = OVERLAY_RE.findall(text)
@@ -35,7 +36,7 @@ def test_train_report_shows_heatmaps(tmp_path):
             assert max(im.size) <= 2 * 384
     m = re.search(r"Border heat share: mean (\d+\.\d)% \(n=(\d+)\)", text)
     assert m, "no border-heat line"
-    heat = json.loads((out / "metrics.json").read_text())["heatmaps"]
+    heat = json.loads((result.run_dir / "metrics.json").read_text())["heatmaps"]
     assert heat["n"] == int(m.group(2)) == result.n_test
     assert abs(100 * heat["mean_border_share"] - float(m.group(1))) < 0.051
     assert ("class='warning'" in text) == heat["flag"]

@@ -203,7 +203,7 @@ def test_train_on_corpus(corpus, corpus_run, tiny):
     root, paths = corpus
     rc, out, err, model_dir, bn = corpus_run
     no_traceback(out, err)
-    assert rc == 0 and (model_dir / "model.onnx").is_file() and (model_dir / "report.html").is_file()
+    assert rc == 0 and (model_dir / "model.onnx").is_file() and (model_dir.with_name("model.run") / "report.html").is_file()
     assert "class folder(s) with no images ignored: empty" in err
     skipped = {}
     for line in err.split("Skipped ", 1)[1].splitlines()[1:]:
@@ -227,7 +227,7 @@ def test_train_on_corpus(corpus, corpus_run, tiny):
     # The folder loop ('up' -> '..') is walked once: no image is listed twice.
     from cxrlab.split import Manifest
 
-    rel = [e.relpath for e in Manifest.read(model_dir / "split.csv").entries]
+    rel = [e.relpath for e in Manifest.read(model_dir.with_name("model.run") / "split.csv").entries]
     assert len(rel) == len(set(rel)) and not [r for r in rel if "/up/" in r]
     assert "abnormal/new\nline.png" in rel and f"normal/{DEEP}/deep.png" in rel
 
@@ -347,8 +347,8 @@ def test_label_image_on_corpus(corpus, corpus_run, capsys):
             continue
         i = files.index(paths[case])
         body = blocks[i + 1].splitlines()
-        if CASES[case][2] == OK:
-            assert "(score = " in body[0], case
+        if CASES[case][2] == OK:  # the decision (at the graph's own threshold) first, then the scores
+            assert body[0].startswith("decision: ") and "(score = " in body[1], case
         else:
             assert body[0].startswith("error: ") and CASES[case][3] in body[0], case
 
@@ -545,8 +545,10 @@ def test_two_concurrent_trains_share_one_cache(big, concurrent, reference):
 
 def test_same_data_same_seed_identical_model_and_metrics(concurrent):
     _, (a, b), _ = concurrent
-    for name in ("model.onnx", "metrics.json", "cxrlab.json", "labels.txt", "predictions.csv", "split.csv"):
+    for name in ("model.onnx", "cxrlab.json", "labels.txt", "MODEL_CARD.md"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for name in ("metrics.json", "predictions.csv", "split.csv"):  # the run folder beside each model
+        assert (a.with_name(a.name + ".run") / name).read_bytes() == (b.with_name(b.name + ".run") / name).read_bytes(), name
 
 
 # ------------------------------------------------------------------ 4. model directory integrity

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -11,39 +12,117 @@ from cxrlab.errors import ModelDirError
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def bottlenecks(tmp_path_factory):
+    return tmp_path_factory.mktemp("bn")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bottlenecks):
     from conftest import make_dataset
 
     root = make_dataset(tmp_path_factory.mktemp("data") / "lungs", n_per_class=30)
     out = tmp_path_factory.mktemp("run") / "model"
     result = cxrlab.train(root, output=out, validation_percentage=20, testing_percentage=20,
-                          bottleneck_dir=tmp_path_factory.mktemp("bn"), fine_tune=False)  # the fast linear path
+                          bottleneck_dir=bottlenecks, fine_tune=False)  # the fast linear path
     return root, out, result
+
+
+MODEL_FILES = {"model.onnx", "labels.txt", "cxrlab.json", "MODEL_CARD.md", ".cxrlab-output", "ood.safetensors"}
 
 
 def test_train_writes_a_complete_model_dir(trained):
     root, out, result = trained
-    assert {"model.onnx", "labels.txt", "cxrlab.json", "report.html", "metrics.json", "predictions.csv",
-            "split.csv"} <= {p.name for p in out.iterdir()}
+    assert {"model.onnx", "labels.txt", "cxrlab.json", "MODEL_CARD.md"} <= {p.name for p in out.iterdir()}
     info = json.loads((out / "cxrlab.json").read_text())
     assert info["labels"] == ["abnormal", "normal"] and info["positive_label"] == "abnormal"
     assert info["backbone"]["id"] == "efficientnet-lite0" and len(info["backbone"]["weights_sha256"]) == 64
     assert info["split"]["manifest_sha256"] == result.manifest.digest()
     assert 0 < info["operating_point"]["threshold"] < 1
-    assert result.final_test_accuracy >= 0.8  # blotches vs clean lungs is easy
+    assert result.final_test_accuracy_argmax >= 0.8  # blotches vs clean lungs is easy
+    assert result.final_test_accuracy == info["metrics"]["test"]["accuracy"]  # the headline: at the operating point
 
 
-def test_predict_prints_tutorial_lines(trained, capsys):
+def test_the_model_folder_holds_no_patient_data(trained):
+    """The deployable folder holds model files only; the report (patient films), predictions and split go to the
+    run folder beside it."""
+    _, out, result = trained
+    assert {p.name for p in out.iterdir()} <= MODEL_FILES
+    run = out.with_name("model.run")
+    assert result.run_dir == run and result.report_path == run / "report.html"
+    assert {"report.html", "metrics.json", "predictions.csv", "split.csv"} <= {p.name for p in run.iterdir()}
+    from cxrlab.outputs import find_run_dir
+
+    assert find_run_dir(out) == run
+
+
+def test_model_onnx_alone_reproduces_the_decision(trained):
+    """Labels, threshold and positive class travel in model.onnx's metadata: plain ONNX Runtime decides as cxrlab."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from cxrlab.embed import prepare, read_file
+
     root, out, _ = trained
-    image = sorted((root / "abnormal").iterdir())[0]
-    assert main(["predict", "--model", str(out), str(image)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split(" (score = ")[0] in ("abnormal", "normal")
-    scores = [float(line.split("= ")[1].rstrip(")")) for line in lines[:2]]
-    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
-    assert main(["predict", "--model", str(out), "--format", "json", str(root)]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert len(data) == 60 and {"ood", "ood_score", "scores", "label"} <= set(data[0])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    info = json.loads((out / "cxrlab.json").read_text())
+    labels, positive, threshold = json.loads(meta["labels"]), meta["positive_label"], float(meta["threshold"])
+    assert labels == info["labels"] and positive == "abnormal" and threshold == info["operating_point"]["threshold"]
+    assert json.loads(meta["calibration"]) == info["calibration"] and "not a medical device" in meta["intended_use"]
+    assert json.loads(meta["shift_check"])["threshold"] == info["ood"]["threshold"] and "chest_check" in meta
+    images = sorted((root / "abnormal").iterdir())[:3] + sorted((root / "normal").iterdir())[:3]
+    size = int(json.loads(meta["input"])["shape"][-1])
+    batch = np.stack([prepare(read_file(str(p)), size, str(p))[0] for p in images])[:, None].astype(np.float32)
+    probs = session.run(["probabilities"], {"image": batch})[0]
+    other = next(lab for lab in labels if lab != positive)
+    mine = [positive if p[labels.index(positive)] >= threshold else other for p in probs]
+    assert mine == [p.label for p in cxrlab.load_model(out).predict([str(p) for p in images], ood=False)]
+
+
+def test_model_card_and_appended_evaluations(trained, tmp_path):
+    import shutil
+
+    root, out, _ = trained
+    model = tmp_path / "m"
+    shutil.copytree(out, model)
+    card = (model / "MODEL_CARD.md").read_text()
+    for part in ("Not a medical device", "## Intended use", "## Training data", "## Operating point",
+                 "rule `who`", "## Performance on its own test split", "[95% CI]", "WHO target product profile",
+                 "## External evaluations", "None yet", "## Limitations"):
+        assert part in card, part
+    r = cxrlab.evaluate(model, root / "abnormal" / "..", output=tmp_path / "eval")
+    assert r.model_card == model / "MODEL_CARD.md"
+    card = r.model_card.read_text()
+    assert "None yet" not in card and str(tmp_path / "eval" / "report.html") in card
+    assert card.count("WHO target product profile for TB triage (") == 2  # own test and this evaluation
+    cxrlab.load_model(model)  # the card and its record are outside the SHA-256 record: still intact
+    cxrlab.evaluate(model, root, output=tmp_path / "eval2")
+    assert len(json.loads((model / "evaluations.json").read_text())) == 2
+    again = cxrlab.train(root, output=model, validation_percentage=20, testing_percentage=20, report=False,
+                         fine_tune=False, ood=False)  # replacing the folder is allowed, and starts a new card
+    assert "None yet" in (again.model_dir / "MODEL_CARD.md").read_text()
+
+
+def test_train_prints_the_shipped_figures_first(trained, bottlenecks, tmp_path, capsys):
+    import csv
+
+    root, _, _ = trained
+    assert main(["train", str(root), "--output", str(tmp_path / "m"), "--head-only", "--validation_percentage", "20",
+                 "--testing_percentage", "20", "--bottleneck_dir", str(bottlenecks),
+                 "--print_misclassified_test_images", "--no-ood", "-q"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Test at the shipped operating point (P(abnormal) >= ")
+    assert "sensitivity " in out[0] and "%]" in out[0]
+    tutorial = next(line for line in out if line.startswith("Final test accuracy = "))
+    assert "the tutorial's figure" in tutorial and "not the shipped decision" in tutorial
+    start = out.index("=== MISCLASSIFIED TEST IMAGES === (at the shipped operating point)")
+    listed = {line.split()[0] for line in out[start + 1:] if line.startswith(" ")}
+    run = tmp_path / "m.run"
+    with open(run / "predictions.csv", newline="") as f:
+        wrong = {Path(r["path"]).name for r in csv.DictReader(f) if r["split"] == "test" and r["correct"] == "0"}
+    assert listed == wrong
+    assert any(line.startswith("WHO target product profile for TB triage") for line in out)
+    assert f"Report written to {run / 'report.html'}" in "\n".join(out)
 
 
 def test_model_dir_integrity(trained, tmp_path):
@@ -101,11 +180,12 @@ def test_retrain_and_label_image_with_tutorial_flags(trained, tmp_path, capsys):
     assert "Step 0: Train accuracy = " in out and "Step 199: Cross entropy = " in out
     assert "Validation accuracy = " in out and "Final test accuracy = " in out and "(N=" in out
     assert "=== MISCLASSIFIED TEST IMAGES ===" in out
+    assert (tmp_path / "output_graph.cxrlab.run" / "split.csv").is_file()
     image = sorted((root / "normal").iterdir())[0]
     assert label_image_main(["--graph", str(graph), "--labels", str(labels), "--image", str(image),
                              "--input_layer", "Mul", "--output_layer", "final_result"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(("normal (score = ", "abnormal (score = "))
+    assert lines[0].startswith("decision: ") and lines[1].startswith(("normal (score = ", "abnormal (score = "))
 
 
 def test_cv_reports_mean_and_sd(trained, capsys):

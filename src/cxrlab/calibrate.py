@@ -125,7 +125,7 @@ def choose_operating_point(y, scores, rule: str | OperatingPointSpec = "who") ->
     reachable, note = True, ""
     if kind == "who":
         target = WHO_MIN_SENSITIVITY
-        note = "WHO TPP triage target: sensitivity >= 90%, highest specificity at that sensitivity"
+        note = "WHO target product profile for TB triage: sensitivity >= 90%, then the highest specificity"
     if kind in ("who", "sensitivity"):
         ok = sens >= target - _EPS
         i = int(np.argmax(ok)) if ok.any() else None   # highest threshold meeting the target

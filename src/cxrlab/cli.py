@@ -166,9 +166,10 @@ def add_train_options(p) -> None:
     p.add_argument("image_dir_pos", nargs="*", metavar="IMAGE_DIR",
                    help="folder with one subfolder per class; several folders: one per site (hospital), "
                         "trained on together with figures per site; a CSV with path,label[,site] columns also works")
-    add_flag(p, "image_dir", metavar="IMAGE_DIR", help="the tutorial's spelling of IMAGE_DIR (default: the IMAGE_DIR arguments)")
-    add_output_option(p, "the model: model.onnx, labels.txt, cxrlab.json, report.html",
-                      default_help=" (default: runs/<timestamp>/model)")
+    add_flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
+    add_output_option(p, "the deployable model: model.onnx, labels.txt, cxrlab.json, MODEL_CARD.md; the run's "
+                         "report.html, predictions and split.csv go beside it, into DIR.run",
+                      default_help="; default: runs/<timestamp>/model")
     add_backbone_option(p, t.backbone)
     add_flag(p, "bottleneck_dir", metavar="DIR", help="embedding cache folder (default: the user cache dir)")
     add_label_from_name_option(p)
@@ -294,22 +295,37 @@ def _fine_tune_args(a) -> dict:
 
 
 def render_train_result(r, *, print_misclassified: bool = False) -> None:
-    if r.final_test_accuracy is not None:
-        print(f"Final test accuracy = {r.final_test_accuracy * 100:.1f}% (N={r.n_test})")
+    """The run's summary: the test figures of the shipped model (its operating point) first, then the tutorial's
+    argmax line, labelled as such."""
+    from .metrics import percent
+
+    test = r.metrics.get("test") or {}
+    if "threshold" in test:
+        print(f"Test at the shipped operating point (P({r.metrics.get('positive_label')}) >= {test['threshold']:.4f}): "
+              f"accuracy {percent(test['accuracy'], test.get('accuracy_ci'))}, "
+              f"sensitivity {percent(test['sensitivity'], test.get('sensitivity_ci'))}, "
+              f"specificity {percent(test['specificity'], test.get('specificity_ci'))} (N={test['n']})")
+    if r.final_test_accuracy_argmax is not None:
+        label = " [the tutorial's figure: highest score wins, i.e. 0.5; not the shipped decision]" \
+            if "threshold" in test else ""
+        print(f"Final test accuracy = {r.final_test_accuracy_argmax * 100:.1f}% (N={r.n_test}){label}")
     if print_misclassified:
-        print("=== MISCLASSIFIED TEST IMAGES ===")
+        print("=== MISCLASSIFIED TEST IMAGES ===" + (" (at the shipped operating point)" if "threshold" in test else ""))
         for path, _, predicted in r.misclassified:
             print(f"{Path(path).name:>70}  {predicted}")
-    test = r.metrics.get("test") or {}
     if "auc" in test:
         lo, hi = test["auc_ci"]
         print(f"Test ROC AUC = {test['auc']:.3f} [{lo:.3f}-{hi:.3f}]")
     if "who_verdict" in test:
         print(test["who_verdict"])
+    if test.get("sample_warning"):
+        print(f"warning: test split: {test['sample_warning']}", file=sys.stderr)
     for site, m in (r.metrics.get("test_by_site") or {}).items():
-        print(f"Site {site}: " + (f"AUC {m['auc']:.3f}, sensitivity {m['sensitivity'] * 100:.1f}%, "
-                                  f"specificity {m['specificity'] * 100:.1f}% (N={m['n']})" if "auc" in m
+        print(f"Site {site}: " + (f"AUC {m['auc']:.3f}, sensitivity {percent(m['sensitivity'])}, "
+                                  f"specificity {percent(m['specificity'])} (N={m['n']})" if "auc" in m
                                   else f"{m['n']} test image(s) of a single class: no AUC"))
+        if m.get("sample_warning"):
+            print(f"warning: site {site}: {m['sample_warning']}", file=sys.stderr)
     heat = r.metrics.get("heatmaps") or {}
     if heat.get("mean_border_share") is not None:
         print(f"Border heat share: mean {heat['mean_border_share'] * 100:.1f}% (n={heat['n']})")
@@ -323,19 +339,28 @@ def render_train_result(r, *, print_misclassified: bool = False) -> None:
         print(f"Skipped {len(r.skipped)} file(s):", file=sys.stderr)
         for s in r.skipped:
             print(f"  {s.path}: {s.reason}", file=sys.stderr)
-    print(f"Model written to {r.model_dir}")
+    print(f"Model written to {r.model_dir}" + (f" (model card: {Path(r.model_dir) / 'MODEL_CARD.md'})"
+                                                if (Path(r.model_dir) / "MODEL_CARD.md").is_file() else ""))
+    if r.report_path is not None:
+        print(f"Report written to {r.report_path} (with the run's predictions and split in {r.run_dir})")
+    elif Path(r.run_dir, "split.csv").is_file():
+        print(f"Split written to {Path(r.run_dir) / 'split.csv'}")
 
 
-def render_prediction_text(p, top_k: int | None = None, header: bool = False) -> list[str]:
+def render_prediction_text(p, top_k: int | None = None, header: bool = False, positive_label: str | None = None
+                           ) -> list[str]:
+    """The decision first (at the model's operating point), then the tutorial's score lines."""
     lines = [f"{p.path}:"] if header else []
     if p.error:
         return lines + [f"error: {p.error}" if header else f"error: {p.path}: {p.error}"]
     if p.ood:
         return lines + [f"unknown (not a chest X-ray: {p.ood_reason})"]
+    if p.threshold is not None and p.positive_score is not None:
+        side = "at or above" if p.positive_score >= p.threshold else "below"
+        lines.append(f"decision: {p.label} (P({positive_label or 'positive'}) = {p.positive_score:.3f}, {side} the "
+                     f"threshold {p.threshold:.3f})")
     for label, score in p.ranked()[:top_k]:
         lines.append(f"{label} (score = {score:.5f})")
-    if p.threshold is not None:
-        lines.append(f"decision: {p.label} (P = {p.positive_score:.3f}, threshold {p.threshold:.3f})")
     if p.shift:
         lines.append(shift_warning(p))
     return lines
@@ -431,7 +456,8 @@ def run_predict(a) -> int:
                             p.ood, p.ood_score, p.ood_reason, p.shift, p.shift_score, p.error)]])
     else:
         for p in preds:
-            print("\n".join(render_prediction_text(p, a.top_k, header=len(preds) > 1)))
+            print("\n".join(render_prediction_text(p, a.top_k, header=len(preds) > 1,
+                                                   positive_label=model.positive_label)))
     if a.explain:
         from .explain import explain_paths
 
@@ -451,15 +477,20 @@ def run_evaluate(a) -> int:
           f"score), {m['n_shift']} warned as unlike the training images, {m['n_skipped']} unreadable")
     rows = [("all images", m.get("all")), ("accepted only", m.get("accepted")),
             ("no shift warning", m.get("in_distribution")), ("internal test", m.get("internal_test"))]
-    print(f"{'':16} {'AUC':>6} {'sens':>6} {'spec':>6} {'acc':>6}")
+    from .metrics import percent
+
+    print(f"{'':16} {'AUC':>6} {'sens':>6} {'spec':>6} {'acc':>6}   (at the model's operating point)")
     for name, rep in rows:
         if rep:
-            vals = [rep.get(k) for k in ("auc", "sensitivity", "specificity", "accuracy")]
-            print(f"{name:16} " + " ".join(f"{v:6.3f}" if isinstance(v, float) else f"{'-':>6}" for v in vals))
+            auc = f"{rep['auc']:6.3f}" if isinstance(rep.get("auc"), float) else f"{'-':>6}"
+            print(f"{name:16} {auc} " + " ".join(f"{percent(rep.get(k)):>6}" if rep.get(k) is not None else f"{'-':>6}"
+                                                 for k in ("sensitivity", "specificity", "accuracy")))
     if m.get("n_rejected") and m.get("all"):
         print("(all images: a refused image counts as not flagged)")
     if "who_verdict" in (m.get("all") or {}):
         print(m["all"]["who_verdict"])
+    if (m.get("all") or {}).get("sample_warning"):
+        print(f"warning: {m['all']['sample_warning']}", file=sys.stderr)
     for key in ("all_note", "accepted_note", "in_distribution_note"):
         if m.get(key):
             print(f"note: {m[key]}", file=sys.stderr)
@@ -467,8 +498,12 @@ def run_evaluate(a) -> int:
         print(f"Skipped {len(r.skipped)} unreadable file(s):", file=sys.stderr)
         for path, reason in r.skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
     if r.output_dir:
         print(f"Report written to {r.output_dir / 'report.html'}")
+    if r.model_card:
+        print(f"Evaluation added to the model card {r.model_card}")
     return 0
 
 
@@ -487,11 +522,16 @@ def run_cv(a) -> int:
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
                        precision=a.precision, runtime=a.runtime, fine_tune=ft["fine_tune"],
                        fine_tune_options=ft.get("fine_tune_options"), ray=a.ray, workers=a.workers)
+    from .metrics import percent
+
+    print("Each fold at its own operating point (chosen on its validation split, as train ships it):")
     for row in r["folds"]:
-        print(f"{'site ' + row['site'] if 'site' in row else 'fold ' + str(row['fold'])}: AUC {row['auc']:.3f}  accuracy {row['accuracy']:.3f}  "
-              f"sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}  (N={row['n']})")
+        print(f"{'site ' + row['site'] if 'site' in row else 'fold ' + str(row['fold'])}: AUC {row['auc']:.3f}  "
+              f"threshold {row['threshold']:.4f}  accuracy {percent(row['accuracy'])}  sensitivity "
+              f"{percent(row['sensitivity'])}  specificity {percent(row['specificity'])}  (N={row['n']})")
     for key, s in r["summary"].items():
-        print(f"{key:12} {s['mean']:.3f} ± {s['sd']:.3f}")
+        print(f"{key:12} {s['mean']:.3f} ± {s['sd']:.3f}" if key == "auc" else
+              f"{key:12} {percent(s['mean'])} ± {percent(s['sd'])}")
     if a.output:
         out = claim(a.output, "cv", inputs=a.image_dir, files=["metrics.json"])
         atomic_write_bytes(out / "metrics.json", json.dumps(r, indent=2).encode())

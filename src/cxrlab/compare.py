@@ -1,7 +1,7 @@
 """Compare: several training runs / evaluations -> one table and one ROC overlay.
 
-Each directory holds ``predictions.csv`` and ``metrics.json`` (a ``train --output`` model directory
-or an ``evaluate --output`` folder). The AUC and its DeLong CI are recomputed from the predictions
+Each directory holds ``predictions.csv`` and ``metrics.json`` (a training run's folder, or an ``evaluate
+--output`` folder); a model folder stands for its run folder (``M.run/`` beside it). The AUC and its DeLong CI are recomputed from the predictions
 (the test rows of a training run, every row of an evaluation); sensitivity, specificity and
 accuracy are the stored ones, measured at each model's own operating point.
 """
@@ -58,7 +58,12 @@ def _default_name(d: Path) -> str:
 def load_run(directory: str | os.PathLike, name: str | None = None) -> dict:
     """One directory -> {name, dir, kind, labels, positive_label, y, scores, stored report, ...}."""
     d = Path(directory)
-    pred, met = d / "predictions.csv", d / "metrics.json"
+    files = d
+    if not (d / "predictions.csv").is_file() and (d / "cxrlab.json").is_file():  # a model folder: its run folder
+        from .outputs import find_run_dir
+
+        files = find_run_dir(d) or d
+    pred, met = files / "predictions.csv", files / "metrics.json"
     for f in (pred, met):
         if not f.is_file():
             raise DataError(f"{d}: {f.name} is missing (give a 'train --output' model directory or an "

@@ -113,7 +113,8 @@ def _run_label_image(a) -> int:
     for image in a.image:
         for p in model.predict([image]):
             failed = failed or bool(p.error)
-            print("\n".join(render_prediction_text(p, header=len(a.image) > 1)))
+            print("\n".join(render_prediction_text(p, header=len(a.image) > 1,
+                                                   positive_label=model.positive_label)))
     return 1 if failed else 0
 
 

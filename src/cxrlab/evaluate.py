@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,15 @@ class EvalResult:
     true_labels: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     output_dir: Path | None = None
+    model_card: Path | None = None  # MODEL_CARD.md the evaluation was appended to
+    notes: list[str] = field(default_factory=list)
 
 
 def _report(model: Model, y_true: list[str], preds: list[Prediction]) -> dict:
     """The figures at the operating point. A refused image (no scores) counts as not flagged: for a triage
     tool a film it would not read is a film it did not flag."""
-    from .metrics import binary_report, multiclass_report, who_verdict  # scikit-learn: only when scoring
+    from .metrics import (binary_report, multiclass_report, who_assessment, who_verdict,  # scikit-learn: when scoring
+                          with_sample_warning)
 
     labels = model.labels
     if model.threshold is None and any(p.ood for p in preds):
@@ -37,9 +41,10 @@ def _report(model: Model, y_true: list[str], preds: list[Prediction]) -> dict:
     if model.threshold is not None:
         pos = model.positive_label
         rep = binary_report(np.array([t == pos for t in y_true], int), P[:, labels.index(pos)], model.threshold)
-        rep["who_verdict"] = who_verdict(rep)
-        return rep
-    return multiclass_report(np.array([labels.index(t) for t in y_true]), P, labels)
+        rep["who_verdict"], rep["who_status"] = who_verdict(rep), who_assessment(rep)["verdict"]
+    else:
+        rep = multiclass_report(np.array([labels.index(t) for t in y_true]), P, labels)
+    return with_sample_warning(rep)
 
 
 def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, label_from_name: str | None = None,
@@ -114,7 +119,29 @@ def evaluate(model: Model | str | os.PathLike, data_dir: str | os.PathLike, *, l
         claim(output, "evaluate", files=REPORT_FILES, inputs=inputs, classes=classes)
         _write_report(Path(output), model, data_dir, result)
         result.output_dir = Path(output)
+        result.model_card = _append_to_card(model, data_dir, Path(output), metrics, result.notes)
     return result
+
+
+def _append_to_card(model: Model, data_dir: Path, output: Path, metrics: dict, notes: list[str]) -> Path | None:
+    """This evaluation appended to the model folder's MODEL_CARD.md; a model folder that cannot take it (read-only,
+    not cxrlab's, a bare graph, a model in memory) keeps its card, with a note."""
+    from .modelcard import record_evaluation
+    from .modeldir import INFO_FILE
+    from .outputs import OutputError
+
+    on_disk = model.directory / INFO_FILE
+    if not metrics.get("all") or not on_disk.is_file():
+        return None
+    try:
+        if json.loads(on_disk.read_text(encoding="utf-8")).get("info_sha256") != model.info.get("info_sha256"):
+            raise OutputError("its cxrlab.json changed since the model was loaded")
+        return record_evaluation(model.directory, model.info, data=os.path.abspath(data_dir),
+                                 report=os.path.abspath(output / "report.html"),
+                                 figures=metrics["all"], n_rejected=metrics.get("n_rejected", 0))
+    except (OSError, ValueError, OutputError) as exc:
+        notes.append(f"the model card in {model.directory} was not updated: {exc}")
+        return None
 
 
 def _labelled_images(model: Model, data_dir: Path, label_from_name: str | None, label_map: dict | None) -> Dataset:

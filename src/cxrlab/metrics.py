@@ -23,13 +23,17 @@ __all__ = [
     "WHO_MIN_SENSITIVITY", "WHO_MIN_SPECIFICITY",
     "check_binary", "wilson_ci", "roc_curve", "roc_auc", "delong_ci", "pr_curve", "roc_band",
     "average_precision", "brier_score", "expected_calibration_error",
-    "reliability_bins", "binary_report", "multiclass_report", "meets_who", "who_verdict", "test_report",
+    "reliability_bins", "binary_report", "multiclass_report", "meets_who", "who_assessment", "who_verdict",
+    "test_report", "percent", "sample_warning", "with_sample_warning",
     "bootstrap_ci",
 ]
 
 # WHO target product profile for a TB triage test (2014): minimum sensitivity and specificity.
 WHO_MIN_SENSITIVITY = 0.90
 WHO_MIN_SPECIFICITY = 0.70
+# Fewer images of a class than this in a report and its figures are flagged as unreliable: at 20 a Wilson 95% CI
+# of a proportion near 90% is still about 25 points wide.
+MIN_RELIABLE_PER_CLASS = 20
 
 
 # ----------------------------------------------------------------- helpers
@@ -301,8 +305,15 @@ def multiclass_report(y_true_idx, probs, labels: list[str], *, alpha: float = 0.
     }
 
 
-def _pct(x: float) -> str:
-    return f"{100.0 * x:.1f}"
+def percent(value: float | None, ci=None) -> str:
+    """A proportion as '91.2%', with its interval as '91.2% [85.0%-95.0%]'; 'n/a' when undefined. The one
+    style of every percentage cxrlab prints or reports."""
+    if value is None or not np.isfinite(float(value)):
+        return "n/a"
+    text = f"{100.0 * value:.1f}%"
+    if ci is not None and ci[0] is not None and ci[1] is not None and np.isfinite(float(ci[0])):
+        text += f" [{100.0 * ci[0]:.1f}%-{100.0 * ci[1]:.1f}%]"
+    return text
 
 
 def _fmt_min(x: float) -> str:
@@ -314,31 +325,78 @@ def meets_who(sensitivity: float | None, specificity: float | None) -> bool:
     return bool((sensitivity or 0) >= WHO_MIN_SENSITIVITY and (specificity or 0) >= WHO_MIN_SPECIFICITY)
 
 
+def who_assessment(report: dict, *, min_sensitivity: float = WHO_MIN_SENSITIVITY,
+                   min_specificity: float = WHO_MIN_SPECIFICITY) -> dict:
+    """Each WHO target product profile criterion judged with its confidence interval: ``met`` (the whole CI
+    reaches the target), ``fails`` (the whole CI lies below it), ``inconclusive`` (the CI contains it), ``n/a``.
+    Without a CI the point estimate decides (``met`` / ``fails``). ``verdict``: ``meets`` when every criterion is
+    met, ``fails`` when any fails, ``n/a`` when one cannot be judged, else ``inconclusive``."""
+    criteria = {}
+    for key, target in (("sensitivity", min_sensitivity), ("specificity", min_specificity)):
+        value, ci = report.get(key), report.get(f"{key}_ci")
+        if value is None or not np.isfinite(float(value)):
+            status = "n/a"
+        elif ci is None or ci[0] is None or not np.isfinite(float(ci[0])):
+            status = "met" if value >= target else "fails"
+        elif ci[0] >= target:
+            status = "met"
+        elif ci[1] < target:
+            status = "fails"
+        else:
+            status = "inconclusive"
+        criteria[key] = {"status": status, "target": target, "value": value, "ci": ci}
+    statuses = [c["status"] for c in criteria.values()]
+    verdict = ("meets" if all(s == "met" for s in statuses) else "fails" if "fails" in statuses
+               else "n/a" if "n/a" in statuses else "inconclusive")
+    return {"verdict": verdict, "criteria": criteria}
+
+
 def who_verdict(report: dict, *, min_sensitivity: float = WHO_MIN_SENSITIVITY,
                 min_specificity: float = WHO_MIN_SPECIFICITY) -> str:
-    """One line comparing a binary report's sensitivity/specificity with the WHO TPP minimums."""
-    head = (f"WHO TPP (sens >= {_fmt_min(min_sensitivity)}, "
-            f"spec >= {_fmt_min(min_specificity)}): ")
-    parts, meets, lower_meets = [], True, True
-    for key, minimum in (("sensitivity", min_sensitivity), ("specificity", min_specificity)):
-        val, ci = report.get(key), report.get(f"{key}_ci")
-        if val is None:
-            parts.append(f"{key} n/a")
-            meets = lower_meets = False
-            continue
-        text = f"{key} {_pct(val)}%"
-        if ci is not None and ci[0] is not None:
-            text += f" [{_pct(ci[0])}-{_pct(ci[1])}]"
-            lower_meets = lower_meets and ci[0] >= minimum
-        else:
-            lower_meets = False
-        meets = meets and val >= minimum
-        parts.append(text)
-    line = head + ", ".join(parts) + (" -> meets" if meets else " -> does not meet")
-    if meets and lower_meets:
-        level = 100.0 * (1.0 - float(report.get("alpha", 0.05)))
-        line += f" (also at the lower {level:.10g}% bound)"
-    return line
+    """One line comparing a binary report's sensitivity/specificity (95% CIs) with the WHO target product
+    profile's minimums for a TB triage test, naming each criterion that fails or is inconclusive."""
+    a = who_assessment(report, min_sensitivity=min_sensitivity, min_specificity=min_specificity)
+    c = a["criteria"]
+    head = (f"WHO target product profile for TB triage (sensitivity >= {_fmt_min(min_sensitivity)}, "
+            f"specificity >= {_fmt_min(min_specificity)}): ")
+    figures = ", ".join(f"{key} {percent(v['value'], v['ci'])}" for key, v in c.items())
+    why = {"fails": "fails: its whole 95% CI lies below {t}", "inconclusive": "inconclusive: its 95% CI contains {t}",
+           "n/a": "not measured"}
+    order = {"fails": 0, "n/a": 1, "inconclusive": 2}
+    reasons = "; ".join(f"{key} {why[v['status']].format(t=_fmt_min(v['target']))}" for key, v in
+                        sorted(c.items(), key=lambda kv: order.get(kv[1]["status"], 3)) if v["status"] in why)
+    if a["verdict"] == "meets":
+        tail = "meets (both targets reached even at the lower end of their 95% CIs)"
+    else:
+        word = {"fails": "does not meet", "inconclusive": "inconclusive", "n/a": "cannot be judged"}[a["verdict"]]
+        tail = f"{word} ({reasons})"
+    return f"{head}{figures} -> {tail}"
+
+
+def sample_warning(report: dict | None) -> str | None:
+    """A warning when a report's figures rest on too few images to mean much: fewer than
+    MIN_RELIABLE_PER_CLASS images of a class, or a confidence interval of zero width (such as AUC 1.000
+    [1.000-1.000] from a handful of films). None when neither holds."""
+    if not report:
+        return None
+    if "per_class" in report:
+        counts = {name: d.get("support") or 0 for name, d in report["per_class"].items()}
+    else:
+        counts = {"positive": report.get("n_positive") or 0, "negative": report.get("n_negative") or 0}
+    few = {name: n for name, n in counts.items() if n < MIN_RELIABLE_PER_CLASS}
+    degenerate = [key for key in ("auc", "sensitivity", "specificity", "accuracy")
+                  if isinstance(report.get(f"{key}_ci"), (list, tuple)) and None not in report[f"{key}_ci"]
+                  and report[f"{key}_ci"][0] == report[f"{key}_ci"][1]]
+    if not few and not degenerate:
+        return None
+    parts = []
+    if few:
+        parts.append("only " + ", ".join(f"{n} {name}" for name, n in few.items()) + " image(s)")
+    if degenerate:
+        parts.append(f"a 95% CI of zero width ({', '.join(degenerate)})")
+    advice = (f"test on at least {MIN_RELIABLE_PER_CLASS} images of each class" if few else
+              "an interval of zero width understates the uncertainty; more images are needed")
+    return f"these figures rest on {' and '.join(parts)}: they are unreliable; {advice}"
 
 
 def test_report(y_idx, probs, labels: list[str], positive: int | None, threshold: float | None,
@@ -346,13 +404,20 @@ def test_report(y_idx, probs, labels: list[str], positive: int | None, threshold
     """The test split's report: binary at the operating point (with the WHO verdict and, given the uncalibrated
     scores, their ECE), else per-class."""
     if positive is None or threshold is None:
-        return multiclass_report(y_idx, probs, labels)
+        return with_sample_warning(multiclass_report(y_idx, probs, labels))
     y = (np.asarray(y_idx) == positive).astype(int)
     report = binary_report(y, np.asarray(probs)[:, positive], threshold)
     report["who_verdict"] = who_verdict(report)
+    report["who_status"] = who_assessment(report)["verdict"]
     if raw_positive_scores is not None:
         report["ece_uncalibrated"] = binary_report(y, raw_positive_scores, threshold)["ece"]
-    return report
+    return with_sample_warning(report)
+
+
+def with_sample_warning(report: dict) -> dict:
+    """``report`` with its ``sample_warning`` (see :func:`sample_warning`) when it has one."""
+    warning = sample_warning(report)
+    return {**report, "sample_warning": warning} if warning else report
 
 
 test_report.__test__ = False  # a report of the test split, not a pytest test

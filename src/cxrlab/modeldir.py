@@ -4,6 +4,11 @@
     labels.txt    one label per line, in output order (the tutorial's output_labels.txt)
     cxrlab.json   everything needed to reproduce and consume the model, incl. SHA-256 of files
     *.safetensors optional arrays (e.g. the out-of-distribution gate)
+    MODEL_CARD.md for people: rendered from cxrlab.json (+ evaluations.json, appended by `cxrlab evaluate`);
+                  outside the SHA-256 record, see cxrlab.modelcard
+
+model.onnx carries the decision in its metadata (labels, positive class, threshold, calibration, checks), so
+that another runtime can reproduce cxrlab's answer from that file alone (cxrlab.graph.decision_metadata).
 
 Loading verifies every file the model needs against the SHA-256 record (mandatory) and validates
 every value of cxrlab.json (cxrlab.modelschema), so an edited or damaged model is refused rather
@@ -42,6 +47,8 @@ def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[
     """Write a complete model directory atomically (a half-written one never appears).
 
     An existing ``directory`` is replaced only when everything in it is cxrlab's (see outputs.py)."""
+    from .graph import decision_metadata, set_metadata
+    from .modelcard import CARD_FILE, render_card
     from .outputs import MARKER, check_output_dir, marker_bytes, real_path
 
     directory = Path(directory)
@@ -49,14 +56,16 @@ def save_model(directory: str | os.PathLike, *, onnx_bytes: bytes, labels: list[
     real = real_path(directory)  # a symlink to a model directory: replace the directory it points to
     real.parent.mkdir(parents=True, exist_ok=True)
     files = {MODEL_FILE: onnx_bytes, LABELS_FILE: ("\n".join(labels) + "\n").encode("utf-8"), **(arrays or {})}
-    info = {"schema_version": SCHEMA_VERSION, **info, "labels": list(labels),
-            "files": {name: _sha256(data) for name, data in sorted(files.items())}}
-    info["info_sha256"] = _info_digest(info)
+    info = {"schema_version": SCHEMA_VERSION, **info, "labels": list(labels)}
     check_info(info, f"{directory / INFO_FILE} (not written)")  # never write a model that would not load
+    files[MODEL_FILE] = set_metadata(onnx_bytes, decision_metadata(info))  # model.onnx alone can decide too
+    info["files"] = {name: _sha256(data) for name, data in sorted(files.items())}
+    info["info_sha256"] = _info_digest(info)
     if any(name not in files for name in needed_files(info)):
         raise ModelDirError(f"{directory}: not written: cxrlab.json refers to files {needed_files(info)} "
                             f"but only {sorted(files)} were given")
     files[INFO_FILE] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    files[CARD_FILE] = render_card(info).encode("utf-8")  # documentation: outside the record
     files[MARKER] = marker_bytes("train", {name: "train" for name in files})
     staging = make_temp_dir(real.parent, f".{real.name}.")
     try:

@@ -30,6 +30,8 @@ MARKER = ".cxrlab-output"
 MODEL_INFO = "cxrlab.json"
 REPORT_FILES = ("metrics.json", "predictions.csv", "report.html")  # an evaluation (report.write_evaluation)
 RUN_FILES = ("split.csv", *REPORT_FILES)  # a training run, besides the model files
+MODEL_DOCS = ("MODEL_CARD.md", "evaluations.json")  # a model folder's documentation (see cxrlab.modelcard)
+RUN_SUFFIX = ".run"  # `train --output M` writes the run's report, predictions and split into M.run/ beside M
 DATASET_ENTRIES = (".downloads", "abnormal", "normal")
 DATA_COMMANDS = frozenset({"datasets"})  # what they make is data, never an output folder of another command
 _SHOWN = 3
@@ -80,8 +82,29 @@ def _legacy(folder: Path) -> Made | None:
     info = _json_dict(folder / MODEL_INFO)
     if info is None or "schema_version" not in info or not isinstance(info.get("files"), dict):
         return None
-    names = [MODEL_INFO, *map(str, info["files"]), *RUN_FILES]
+    names = [MODEL_INFO, *map(str, info["files"]), *MODEL_DOCS, *RUN_FILES]
     return Made("train", {name: "train" for name in names})
+
+
+def run_dir_for(model_dir: str | os.PathLike) -> Path:
+    """The run folder beside a model folder given as --output: ``models/tb`` -> ``models/tb.run``. The model
+    folder holds what is deployed and nothing else: no patient image, no per-image prediction."""
+    p = Path(model_dir)
+    if p.name in ("", ".", ".."):
+        p = Path(os.path.abspath(p))
+    return p.with_name(p.name + RUN_SUFFIX)
+
+
+def find_run_dir(model_dir: str | os.PathLike) -> Path | None:
+    """Where the run files of a model folder are: beside it (``M.run/``), its parent (the default
+    ``runs/<time>/model`` layout) or, for a model trained before the split, the model folder itself."""
+    p = Path(model_dir)
+    parent = made_by_cxrlab(p.parent) if p.parent.is_dir() else None
+    holds_model = parent is not None and parent.command == "train" and p.name in parent.entries
+    for candidate in (run_dir_for(p), p.parent if holds_model else None, p):
+        if candidate is not None and any((candidate / name).is_file() for name in RUN_FILES):
+            return candidate
+    return None
 
 
 def made_by_cxrlab(folder: str | os.PathLike) -> Made | None:

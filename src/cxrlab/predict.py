@@ -115,7 +115,8 @@ class Model:
         """A bare ONNX file + labels file (the tutorial's --graph/--labels), without cxrlab.json.
 
         If ``graph`` was written by ``retrain``, its full model directory sits beside it
-        (``<stem>.cxrlab/``) and is used instead, so the threshold and the OOD gate apply. Either way
+        (``<stem>.cxrlab/``) and is used instead, so the threshold and the OOD gate apply. Alone, the
+        graph's own metadata give the positive class and threshold (cxrlab writes them there). Either way
         the labels file must list the labels the model was trained with, in the same order.
         """
         graph, labels_file = Path(graph), Path(labels_file)
@@ -136,7 +137,8 @@ class Model:
             check_labels(labels)
         except Invalid as e:
             raise ModelDirError(f"{labels_file}: the labels {e.message}") from None
-        info = {"labels": labels, "backbone": {"input_size": _graph_input_size(data, graph)}}
+        info = {"labels": labels, "backbone": {"input_size": _graph_input_size(data, graph)},
+                **_graph_decision(data, labels)}
         return cls(graph.parent, threads=threads, runtime=runtime, precision=precision, _loaded=ModelFiles(info, labels, data),
                    _sources=(str(graph), str(labels_file)))
 
@@ -385,6 +387,23 @@ def _same_labels(given: list[str], trained: list[str], given_name, trained_name:
         hint = f" (the same labels in another order: {effect})" if sorted(given) == sorted(trained) else ""
         raise ModelDirError(f"{given_name}: lists labels {show(given)} but {trained_name} was trained with "
                             f"{show(trained)}{hint}; use the labels file written with the model")
+
+
+def _graph_decision(data: bytes, labels: list[str]) -> dict:
+    """The positive class and threshold a cxrlab graph carries in its metadata (cxrlab.graph.decision_metadata),
+    as cxrlab.json's fields; nothing when absent or not valid for these labels (the highest score then decides)."""
+    import math
+
+    import onnx
+
+    try:
+        meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+        positive, threshold = meta.get("positive_label"), float(meta.get("threshold", "nan"))
+    except Exception:  # noqa: BLE001 - unreadable metadata: decide by the highest score
+        return {}
+    if positive not in labels or len(labels) != 2 or not (math.isfinite(threshold) and 0 <= threshold <= 1):
+        return {}
+    return {"positive_label": positive, "operating_point": {"threshold": threshold, "rule": "from the graph"}}
 
 
 def _graph_input_size(data: bytes, graph: Path) -> int:

@@ -104,10 +104,10 @@ def write_report_html(path, *, title, rows, labels, positive_label=None, thresho
     test = [r for r in rows if r.get("split") == "test"]
     scope = "test split" if test else "all rows"
     known = [r for r in (test or rows) if r.get("true_label") in labels]
-    plots = _plots(known, labels, positive, threshold, training_curve, (report or {}).get("ece_uncalibrated"))
+    plots = _plots(known, labels, positive, threshold, training_curve, report)
     html = render_html(
         "report.html.j2", title=str(title), summary=[*map(str, summary), *_data_summary(rows, labels, scope)],
-        verdict=_verdict(report, binary), scope=scope,
+        verdict=_verdict(report, binary), scope=scope, warnings=_warnings(report, by_site),
         tables=_metric_tables(report, reference) + _site_tables(by_site) + _subset_tables(subsets),
         plots=[{"alt": alt, "uri": _uri(png)} for alt, png in plots], heatmaps=_heatmap_view(heatmaps),
         wrong=_misclassified(known, labels, positive, threshold, image_root, notes),
@@ -191,9 +191,17 @@ def _data_summary(rows, labels, scope) -> list[str]:
 def _verdict(report, binary) -> dict:
     text = (report or {}).get("who_verdict")
     if text:
-        return {"cls": "meets" if "-> meets" in text else "fails", "text": text}
+        status = report.get("who_status") or ("meets" if "-> meets" in text else "fails")
+        return {"cls": {"meets": "meets", "inconclusive": "inconclusive"}.get(status, "fails"), "text": text}
     why = "binary test metrics are not available" if binary else "not a binary task"
-    return {"cls": "na", "text": f"WHO TPP verdict: n/a ({why})"}
+    return {"cls": "na", "text": f"WHO target product profile verdict: n/a ({why})"}
+
+
+def _warnings(report, by_site) -> list[str]:
+    """The sample-size warnings of the main figures and of each site's."""
+    out = [report["sample_warning"]] if (report or {}).get("sample_warning") else []
+    return out + [f"site {site}: {m['sample_warning']}" for site, m in (by_site or {}).items()
+                  if m.get("sample_warning")]
 
 
 def _num(v, digits=3) -> str:
@@ -201,13 +209,10 @@ def _num(v, digits=3) -> str:
 
 
 def pct(v, ci=None) -> str:
-    """A proportion as '91.2%', with its interval as '91.2% [85.0-95.0]'; 'n/a' when undefined."""
-    if v is None or not math.isfinite(float(v)):
-        return "n/a"
-    s = f"{100 * v:.1f}%"
-    if ci and ci[0] is not None and ci[1] is not None and math.isfinite(ci[0]):
-        s += f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]"
-    return s
+    """A proportion as '91.2%', with its interval as '91.2% [85.0%-95.0%]'; 'n/a' when undefined."""
+    from .metrics import percent
+
+    return percent(v, ci)
 
 
 def auc_text(auc, ci=None) -> str:
@@ -454,7 +459,7 @@ def _overlay_caption(row, heatmap) -> str:
 
 
 # ----------------------------------------------------------------- plots
-def _plots(rows, labels, positive, threshold, curve, ece_before=None) -> list[tuple[str, bytes]]:
+def _plots(rows, labels, positive, threshold, curve, report=None) -> list[tuple[str, bytes]]:
     """(alt text, PNG bytes) for every plot that the data allow."""
     from .plots import binary_plots, confusion_png, training_curve_png
 
@@ -462,13 +467,33 @@ def _plots(rows, labels, positive, threshold, curve, ece_before=None) -> list[tu
     if positive is not None and rows:
         pos = labels.index(positive)
         out += binary_plots([r["true_label"] == positive for r in rows], [r["scores"][pos] for r in rows],
-                            positive, labels[1 - pos], threshold, n_boot=N_BOOT, ece_before=ece_before)
-    if rows:
-        cm = np.zeros((len(labels), len(labels)), dtype=int)
-        for r in rows:
-            if r["predicted_label"] in labels:
-                cm[labels.index(r["true_label"]), labels.index(r["predicted_label"])] += 1
-        out.append(("Confusion matrix (rows true, columns predicted)", confusion_png(cm, labels)))
+                            positive, labels[1 - pos], threshold, n_boot=N_BOOT,
+                            ece_before=(report or {}).get("ece_uncalibrated"))
+    cm = confusion(rows, labels, positive, report)
+    if cm is not None:
+        out.append(("Confusion matrix at the operating point, the images of the metrics table "
+                    "(rows true, columns predicted)", confusion_png(cm, labels)))
     if curve:
         out.append(("Training curves: accuracy and cross-entropy per step", training_curve_png(curve)))
     return out
+
+
+def confusion(rows, labels, positive=None, report=None) -> np.ndarray | None:
+    """The confusion matrix (rows true, columns predicted, in label order) of the metrics table's own counts, so
+    that the two never disagree (a refused image counted as not flagged, a test subsample); from the rows'
+    decisions when there is no report. None when there is nothing to count."""
+    k = len(labels)
+    if report and positive in labels and all(isinstance(report.get(c), int) for c in ("tp", "fp", "tn", "fn")):
+        pos, neg = labels.index(positive), 1 - labels.index(positive)
+        cm = np.zeros((k, k), dtype=int)
+        cm[pos, pos], cm[pos, neg], cm[neg, pos], cm[neg, neg] = (report[c] for c in ("tp", "fn", "fp", "tn"))
+        return cm
+    if report and isinstance(report.get("confusion_matrix"), list) and list(report.get("labels") or []) == labels:
+        return np.asarray(report["confusion_matrix"], dtype=int)
+    if not rows:
+        return None
+    cm = np.zeros((k, k), dtype=int)
+    for r in rows:
+        if r["predicted_label"] in labels:
+            cm[labels.index(r["true_label"]), labels.index(r["predicted_label"])] += 1
+    return cm

@@ -5,7 +5,6 @@ estimate the model that ``train`` ships."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from .graph import fuse_head
 from .head import StepInfo
 from .metrics import test_report
 from .modeldir import model_info, save_model
-from .outputs import RUN_FILES, OutputError, check_not_input, check_output_dir, claim, folder_classes
+from .outputs import RUN_FILES, OutputError, check_not_input, check_output_dir, claim, folder_classes, run_dir_for
 from .progress import Progress
 from .split import Manifest, split_samples
 from .train_options import TrainOptions
@@ -50,10 +49,12 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     cache_hits: int = 0
     cache_misses: int = 0
-    misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
-    final_test_accuracy: float | None = None
+    misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, shipped decision)
+    final_test_accuracy: float | None = None  # at the shipped operating point (argmax for a multi-class model)
     n_test: int = 0
     seconds: float | None = None  # wall time; kept out of metrics.json so that it is reproducible
+    final_test_accuracy_argmax: float | None = None  # the tutorial's figure: the highest score wins (0.5 if binary)
+    report_path: Path | None = None  # report.html in the run folder, when written
 
 
 _DEFAULT = TrainOptions()  # train()'s keyword defaults are read from here: written once
@@ -118,7 +119,9 @@ def train(
         is split in the same proportions and every figure is also given per site. A ``.csv`` file with
         columns ``path,label[,site]`` may stand for a folder.
     output : str, os.PathLike or None
-        Model directory to write. None: ``runs/<timestamp>/model`` with the run's report beside it.
+        Model directory to write: the deployable model files only. The run's report, predictions, metrics
+        and split go into the run folder beside it, ``<output>.run/``. None: ``runs/<timestamp>/model``,
+        with the run's files in ``runs/<timestamp>/``.
     backbone : str
         ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``, ``inception-v3`` (see
         :func:`cxrlab.list_backbones`) or ``onnx:PATH`` for your own ONNX feature extractor.
@@ -185,7 +188,7 @@ def train(
         with a slow backbone (most of ``retrain``'s time with Inception v3); they are cached for later runs on the
         same images. False (``--no-shift-reference``): the chest X-ray check stays, the warning is never given.
     report : bool
-        Write ``report.html`` (and its figures) into the run folder.
+        Write ``report.html``, ``metrics.json`` and ``predictions.csv`` into the run folder.
     seed : int
         Seed of every random choice; the same seed and data give the same model.
     on_step : callable or None
@@ -225,8 +228,9 @@ def train(
     Returns
     -------
     TrainResult
-        ``model_dir`` (load it with :func:`cxrlab.load_model`), ``run_dir``, ``labels``, ``metrics``
-        (test figures at the operating point), ``skipped`` files and ``notes``.
+        ``model_dir`` (load it with :func:`cxrlab.load_model`), ``run_dir`` (``report_path``, split.csv),
+        ``labels``, ``metrics`` (test figures at the operating point), ``final_test_accuracy`` (at the
+        operating point; ``final_test_accuracy_argmax`` is the tutorial's), ``skipped`` files and ``notes``.
 
     Raises
     ------
@@ -257,6 +261,7 @@ def train(
     splits = splits.keep(fit.vectors)
     notes += fit.notes + cal.notes
     metrics, rows_te, P_te = evaluate_split(fit, cal, splits, labels, positive, o.test_batch_size, o.seed, notes)
+    metrics["positive_label"] = positive
 
     gate = _ood_gate(fit, splits, frozen.digests, image_dir, o.progress) if o.ood and o.shift_reference else None
     if gate is not None and splits.test:  # how often the model's own unseen films carry the shift warning
@@ -264,8 +269,7 @@ def train(
     chest_check = _chest_check(image_dir, splits.validation + splits.test, fit.backbone.spec.input_size, notes) \
         if o.ood else None
     arrays = {**(gate.arrays() if gate else {}), **_network_arrays(fit, cal)}
-    onnx_bytes = fuse_head(fit.backbone.onnx_path, cal.head.coef_, cal.head.intercept_, temperature=cal.temperature,
-                           metadata={"labels": json.dumps(labels), "producer": "cxrlab"})
+    onnx_bytes = fuse_head(fit.backbone.onnx_path, cal.head.coef_, cal.head.intercept_, temperature=cal.temperature)
     runtime_record = _runtime_record(onnx_bytes, fit, cal, splits, image_dir, positive, labels)
     info = model_info(
         labels=labels, positive_label=positive, backbone=fit.backbone, head=fit.head_info,
@@ -276,16 +280,19 @@ def train(
         training_data=_training_data(dataset, len(frozen.skipped)),
         seed=o.seed, flags=o.flags(), metrics=metrics, fine_tune=fit.fine_tune_info, ood=gate.info() if gate else None,
         chest_check=chest_check, runtime=runtime_record)
-    if run_dir != model_dir:
-        claim(run_dir, "train", files=(model_dir.name, *RUN_FILES), inputs=inputs)
+    claim(run_dir, "train", files=([model_dir.name] if model_dir.parent == run_dir else []) + list(RUN_FILES),
+          inputs=inputs)
     save_model(model_dir, onnx_bytes=onnx_bytes, labels=labels, info=info, arrays=arrays)
-    claim(run_dir, "train", files=RUN_FILES)
     manifest.write(run_dir / "split.csv")
 
-    misclassified = [(str(image_dir / r.relpath), r.label, labels[int(k)])
-                     for r, k in zip(rows_te, P_te.argmax(1)) if labels[int(k)] != r.label]
+    decided = decisions(P_te, labels, positive, cal.operating_point and cal.operating_point.threshold)
+    misclassified = [(str(image_dir / r.relpath), r.label, d) for r, d in zip(rows_te, decided) if d != r.label]
+    test = metrics.get("test") or {}
+    shipped_accuracy = test["accuracy"] if "accuracy" in test else (
+        float(np.mean([d == r.label for r, d in zip(rows_te, decided)])) if rows_te else None)
     result = TrainResult(model_dir, run_dir, labels, metrics, manifest, frozen.skipped, notes, frozen.hits,
-                         frozen.misses, misclassified, metrics["final_test_accuracy_argmax"], len(rows_te))
+                         frozen.misses, misclassified, shipped_accuracy, len(rows_te),
+                         final_test_accuracy_argmax=metrics["final_test_accuracy_argmax"])
     result.metrics["training_curve"] = fit.curve
     result.seconds = round(time.time() - started, 2)
     if o.summaries_dir:
@@ -298,6 +305,7 @@ def train(
                                    info=info)
         if "heatmaps" in written:
             result.metrics["heatmaps"] = written["heatmaps"]
+        result.report_path = run_dir / "report.html"
     return result
 
 
@@ -324,6 +332,15 @@ def _runtime_record(onnx_bytes: bytes, fit: Fit, cal: Calibrated, splits: Splits
     record["bf16"] = runtime.parity(onnx_bytes, arrays, np.asarray(y), positive=pos,
                                     threshold=cal.operating_point_info["threshold"] if cal.operating_point_info else None)
     return record
+
+
+def decisions(P: np.ndarray, labels: list[str], positive: str | None, threshold: float | None) -> list[str]:
+    """The shipped model's answer for each row of probabilities: the operating point for a binary model
+    (as cxrlab.predict decides), else the highest score."""
+    if positive is None or threshold is None or len(labels) != 2:
+        return [labels[int(k)] for k in P.argmax(1)] if len(P) else []
+    pos = labels.index(positive)
+    return [positive if p[pos] >= threshold else labels[1 - pos] for p in P]
 
 
 def _network_arrays(fit: Fit, cal: Calibrated) -> dict[str, bytes]:
@@ -547,7 +564,9 @@ def _output_dirs(output, inputs, summaries_dir=None, bottleneck_dir=None) -> tup
         check_output_dir(run_dir, "train", inputs=inputs, classes=classes, option="the default output folder")
         model_dir = run_dir / "model"
     else:
-        run_dir = model_dir = check_output_dir(output, "train", inputs=inputs, replace=True, classes=classes)
+        model_dir = check_output_dir(output, "train", inputs=inputs, replace=True, classes=classes)
+        run_dir = check_output_dir(run_dir_for(output), "train", inputs=inputs, files=RUN_FILES, classes=classes,
+                                   option="the run folder beside --output")
     for option, folder in (("--summaries_dir", summaries_dir), ("--bottleneck_dir", bottleneck_dir)):
         if folder is not None:  # their files never collide with the user's, but must not land in the data
             check_not_input(folder, inputs, option, allow_contains=True)
