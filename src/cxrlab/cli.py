@@ -32,6 +32,9 @@ EPILOG = {
     "explain": "example: cxrlab explain --model models/tb lungs/abnormal --output heatmaps/ --summary",
     "compare": "example: cxrlab compare runs/a/model eval/other --output cmp/",
     "site-shift": "example: cxrlab site-shift --model models/tb lungs_test/",
+    "dicom-listen": "example: cxrlab dicom-listen --model models/tb --ae-title CXRLAB --port 11112 "
+                    "--send-to ORTHANC@127.0.0.1:4242 --audit audit.db",
+    "audit": "example: cxrlab audit audit.db",
 }
 EXIT_STATUS = ("exit status: 0 success; 1 an input or output failed (one 'error:' line says which); "
                "2 a bad option or an internal error; 130 interrupted")
@@ -322,8 +325,11 @@ def _show_progress(n_files: int) -> bool:
     return n_files >= PROGRESS_ALWAYS_FILES or (n_files >= PROGRESS_MIN_FILES and _stderr_is_terminal())
 
 
-def predict_with_progress(model, paths, *, ood: bool = True, chunk: int = 64) -> list:
-    """model.predict over the expanded files, with a bar on stderr for long inputs."""
+def predict_with_progress(model, paths, *, ood: bool = True, chunk: int = 64, audit=None) -> list:
+    """model.predict over the expanded files, with a bar on stderr for long inputs; each answer goes into the
+    ``audit`` log when one is given (its latency: the chunk's time shared by its files)."""
+    import time
+
     from .predict import expand_paths
     from .progress import Silent, TqdmProgress
 
@@ -333,11 +339,37 @@ def predict_with_progress(model, paths, *, ood: bool = True, chunk: int = 64) ->
     preds = []
     try:
         for i in range(0, len(files), chunk):
-            preds.extend(model.predict(files[i : i + chunk], ood=ood))
+            started = time.monotonic()
+            part = model.predict(files[i : i + chunk], ood=ood)
+            if audit is not None:
+                _audit_files(audit, model, part, (time.monotonic() - started) / max(1, len(part)))
+            preds.extend(part)
             bar.advance(len(files[i : i + chunk]))
     finally:
         bar.close()
     return preds
+
+
+def _audit_files(audit, model, preds, latency_s: float) -> None:
+    """One audit row per file: its SHA-256 (never its name, which may hold a patient's), the answer."""
+    from .audit import sha256
+
+    for p in preds:
+        try:
+            with open(p.path, "rb") as f:
+                digest = sha256(f.read())
+        except OSError:
+            digest = None
+        audit.record(p, model=model, surface="cli", source="cli", input_sha256=digest, latency_s=latency_s)
+
+
+def open_audit_arg(a):
+    """The --audit database of a command, opened before any work (None without the option)."""
+    if not getattr(a, "audit", None):
+        return None
+    from .audit import open_audit
+
+    return open_audit(a.audit)
 
 
 def _cell(value) -> str:
@@ -357,8 +389,9 @@ def run_predict(a) -> int:
 
         v.check_writable_dir("--explain", a.explain)
         check_output(a.explain, a.model, a.paths)
+    audit = open_audit_arg(a)
     model = load_model_arg(a)
-    preds = predict_with_progress(model, a.paths, ood=not a.no_ood)
+    preds = predict_with_progress(model, a.paths, ood=not a.no_ood, audit=audit)
     if a.format == "json":
         print(json.dumps([p.to_dict() for p in preds], indent=2))
     elif a.format == "csv":
@@ -564,6 +597,31 @@ def run_site_shift(a) -> int:
     return 0
 
 
+def run_dicom_listen(a) -> int:
+    import logging
+
+    from .dicom_net import check_ae_title, listen, parse_destination
+    from .predict import load_model
+
+    send_to = parse_destination(a.send_to)  # options first, then the model
+    check_ae_title(a.ae_title, "--ae-title")
+    audit = open_audit_arg(a)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Films are answered in parallel (one per worker), so each ONNX Runtime run gets one thread, as in serve.
+    model = load_model(a.model, trust_modified=a.trust_modified_model, threads=1)
+    listen(model, ae_title=a.ae_title, port=a.port, send_to=send_to, host=a.host, audit=audit, workers=a.workers)
+    return 0
+
+
+def run_audit(a) -> int:
+    from .audit import format_summary, summarise
+
+    summary = summarise(a.database)
+    print(json.dumps(summary, indent=2) if a.format == "json" else "\n".join(format_summary(summary)))
+    return 0
+
+
 def run_serve(a) -> int:
     from .serve import serve
     from .serve_limits import limits_from_options
@@ -572,7 +630,7 @@ def run_serve(a) -> int:
                                  max_decode_mb=a.max_decode_mb, decode_budget_mb=a.decode_budget_mb,
                                  request_timeout=a.request_timeout)
     serve(a.model, host=a.host, port=a.port, allowed_hosts=a.allowed_host or (), trust_modified=a.trust_modified_model,
-          limits=limits)
+          limits=limits, audit=open_audit_arg(a))
     return 0
 
 
@@ -600,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "format", choices=["text", "json", "csv"], default="text", help="how to print the predictions")
     add_no_ood_option(p)
     add_flag(p, "explain", metavar="DIR", help="also write class activation map overlays into this folder")
+    add_audit_option(p)
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
     add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
@@ -636,7 +695,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_from_name_option(p)
     add_output_option(p, "site_shift.json (the rows as JSON)")
     add_serve_options(command("serve", run_serve, "a local web page and REST API"))
+    p = command("dicom-listen", run_dicom_listen, "receive films from a PACS (DICOM C-STORE) and send each answer "
+                                                  "back into the film's study as a Secondary Capture and an SR")
+    add_model_options(p)
+    add_flag(p, "ae_title", default="CXRLAB", metavar="AE", help="this listener's AE title")
+    p.add_argument("--port", type=v.port, default=11112, help="DICOM port to listen on, 1 to 65535")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind ('0.0.0.0': every interface, for a PACS "
+                                                       "on another machine)")
+    add_flag(p, "send_to", required=True, metavar="AE@HOST:PORT", help="the PACS that receives the answers")
+    add_flag(p, "workers", type=v.positive_int, default=None, metavar="N", help="films answered at once (default: one per core)")
+    add_audit_option(p)
+    p = command("audit", run_audit, "summarise an audit log: counts, refusal and shift-warning rates, weekly scores")
+    p.add_argument("database", metavar="DB", help="the audit database written with --audit")
+    add_flag(p, "format", choices=["text", "json"], default="text", help="how to print the summary")
     return parser
+
+
+def add_audit_option(p) -> None:
+    add_flag(p, "audit", metavar="DB", help="record every answer in this SQLite audit log (created if missing): "
+                                            "time, model hash, input SHA-256, source, decision, score, latency; "
+                                            "no pixels, no names")
 
 
 def add_adapt_options(p) -> None:
@@ -667,6 +745,7 @@ def add_serve_options(p) -> None:
                    help="decode memory of all images in flight together (default 2048)")
     add_flag(p, "request_timeout", type=float, metavar="SECONDS",
                    help="time allowed for a request body to arrive (default 60)")
+    add_audit_option(p)
 
 def add_cv_options(p) -> None:
     t = TrainOptions()  # cv shares train's defaults, but for its folds and its positive class

@@ -14,7 +14,7 @@ from .decode import DecodedImage, decode_array, decode_pil, resize
 from .discover import walk_images
 from .embed import make_session, prepare, read_file
 from .errors import DataError, ImageError, ModelDirError
-from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files
+from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files, model_identity
 from .modelschema import INPUT_SIZE_RANGE, Invalid, show
 from .modelschema import labels as check_labels
 
@@ -67,6 +67,7 @@ class Model:
         self.directory = Path(directory)
         files = _loaded or load_model_files(self.directory, trust_modified=trust_modified)
         self.info, self.labels = files.info, files.labels
+        self.sha256 = model_identity(files)  # what the audit log and the DICOM results name the model by
         graph_name, labels_name = _sources or (str(self.directory / MODEL_FILE), str(self.directory / LABELS_FILE))
         try:
             self.session = make_session(files.onnx_bytes, threads=threads)
