@@ -151,7 +151,8 @@ class Listener:
         source = f"{requestor.ae_title.strip()}@{requestor.address}"
         try:
             data = event.encoded_dataset(include_meta=True)
-            digest = sha256(data)
+            # the dataset as sent, without the file meta header that every hop writes anew
+            digest = sha256(event.encoded_dataset(include_meta=False))
             header = _read_header(data)
         except Exception as exc:  # a malformed dataset is refused, never the end of the listener
             log.warning("refused a dataset from %s: cannot parse it (%s)", source, exc)
