@@ -391,7 +391,11 @@ def run_predict(a) -> int:
         check_output(a.explain, a.model, a.paths)
     audit = open_audit_arg(a)
     model = load_model_arg(a)
-    preds = predict_with_progress(model, a.paths, ood=not a.no_ood, audit=audit)
+    try:
+        preds = predict_with_progress(model, a.paths, ood=not a.no_ood, audit=audit)
+    finally:
+        if audit is not None:
+            audit.close()
     if a.format == "json":
         print(json.dumps([p.to_dict() for p in preds], indent=2))
     elif a.format == "csv":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -135,21 +136,51 @@ def _derived(source: Dataset, sop_class: str, modality: str, series_number: int,
     return ds
 
 
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib: it has the dashes), else Pillow's own font."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.__file__).parent / "mpl-data/fonts/ttf/DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
+def _wrap(line: str, font, width: float) -> list[str]:
+    """The line cut at its dashes into as few lines as fit ``width``."""
+    parts = line.split(" — ")
+    lines = [parts[0]]
+    for part in parts[1:]:
+        joined = f"{lines[-1]} — {part}"
+        if font.getlength(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append("— " + part)
+    return lines
+
+
 def _burn(png: bytes, line: str) -> np.ndarray:
-    """The overlay with ``line`` in white on a black band below it, the font shrunk until the line fits."""
-    from PIL import Image, ImageDraw, ImageFont
+    """The overlay with ``line`` in white on a black band below it: cut into lines at its dashes where the image is
+    narrow, the font shrunk (not below 8 px) until every line fits."""
+    from PIL import Image, ImageDraw
 
     top = Image.open(io.BytesIO(png)).convert("RGB")
     w = top.width
-    size = max(8, w // 40)
-    font = ImageFont.load_default(size=size)
-    while size > 8 and font.getlength(line) > w - 8:
+    size = max(12, min(24, w // 50))
+    while True:
+        font = _font(size)
+        lines = _wrap(line, font, w - 8)
+        if size <= 8 or all(font.getlength(t) <= w - 8 for t in lines):
+            break
         size -= 1
-        font = ImageFont.load_default(size=size)
-    band = size * 2
-    canvas = Image.new("RGB", (w, top.height + band), "black")
+    step = int(size * 1.4)
+    canvas = Image.new("RGB", (w, top.height + step * len(lines) + size // 2), "black")
     canvas.paste(top, (0, 0))
-    ImageDraw.Draw(canvas).text((4, top.height + band // 2), line, fill="white", font=font, anchor="lm")
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(lines):
+        draw.text((4, top.height + size // 4 + step * i), text, fill="white", font=font, anchor="la")
     return np.asarray(canvas, dtype=np.uint8)
 
 
