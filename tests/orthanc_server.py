@@ -1,4 +1,5 @@
-"""A real Orthanc PACS (Debian's `orthanc` package) with a temporary configuration, and DICOM films to send it.
+"""A real Orthanc PACS (Debian's `orthanc` package) with a temporary configuration, `cxrlab dicom-listen` in a
+process of its own, and DICOM films to send them.
 
 Used by tests/test_dicom_net.py and benchmarks/dicom.py. Orthanc's HTTP port answers loopback only
 (RemoteAccessAllowed false); its database lives in the temporary folder and goes with it.
@@ -7,9 +8,12 @@ Used by tests/test_dicom_net.py and benchmarks/dicom.py. Orthanc's HTTP port ans
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +23,7 @@ import numpy as np
 
 ORTHANC = shutil.which("Orthanc") or (Path("/usr/sbin/Orthanc") if Path("/usr/sbin/Orthanc").exists() else None)
 ORTHANC_AET = "ORTHANC"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -108,6 +113,70 @@ class Orthanc:
             if len(found) >= n or time.monotonic() > deadline:
                 return found
             time.sleep(0.2)
+
+
+class Listener:
+    """`cxrlab dicom-listen` in its own process, its log in a file."""
+
+    def __init__(self, model_dir: Path, port: int, pacs_port: int, folder: Path, workers: int = 2):
+        self.port, self.log_path, self.audit = port, folder / "listen.log", folder / "audit.db"
+        self.cmd = [sys.executable, "-m", "cxrlab", "dicom-listen", "--model", str(model_dir), "--port", str(port),
+                    "--ae-title", "CXRLAB", "--send-to", f"{ORTHANC_AET}@127.0.0.1:{pacs_port}", "--audit",
+                    str(self.audit), "--workers", str(workers)]
+
+    def __enter__(self):
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while echo(self.port) != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"dicom-listen did not start: {self.text()[-2000:]}")
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def audit_rows(self) -> list[sqlite3.Row]:
+        con = sqlite3.connect(self.audit)
+        con.row_factory = sqlite3.Row
+        try:
+            return con.execute("SELECT * FROM answers ORDER BY id").fetchall()
+        finally:
+            con.close()
+
+
+def echo(port: int, timeout: float = 5) -> int | None:
+    """C-ECHO status from the listener, None when nothing answers."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRLAB")
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return getattr(status, "Status", None)
+    finally:
+        assoc.release()
 
 
 def film_dataset(pixels: np.ndarray, *, modality: str = "DX", view: str | None = "PA", patient: str = "Test^Patient"):

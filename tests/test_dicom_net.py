@@ -9,11 +9,7 @@ the shared data are missing).
 from __future__ import annotations
 
 import io
-import os
 import re
-import sqlite3
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +21,7 @@ pynetdicom = pytest.importorskip("pynetdicom", reason="pynetdicom is not install
 pydicom = pytest.importorskip("pydicom")
 
 from conftest import SHENZHEN, synthetic_xray  # noqa: E402
-from orthanc_server import ORTHANC, ORTHANC_AET, Orthanc, film_dataset, free_port, to_bytes  # noqa: E402
+from orthanc_server import ORTHANC, Listener, Orthanc, echo, film_dataset, free_port, to_bytes  # noqa: E402
 from test_serve import SIZE, tiny_onnx  # noqa: E402
 
 from cxrlab import chest  # noqa: E402
@@ -60,70 +56,6 @@ def model_dir(tmp_path_factory):
             "chest_check": chest.info(network=HAVE_SHENZHEN)}
     return save_model(tmp_path_factory.mktemp("tiny") / "model", onnx_bytes=tiny_onnx(), labels=["abnormal", "normal"],
                       info=info)
-
-
-class Listener:
-    """`cxrlab dicom-listen` in its own process, its log in a file."""
-
-    def __init__(self, model_dir: Path, port: int, pacs_port: int, folder: Path):
-        self.port, self.log_path, self.audit = port, folder / "listen.log", folder / "audit.db"
-        self.cmd = [sys.executable, "-m", "cxrlab", "dicom-listen", "--model", str(model_dir), "--port", str(port),
-                    "--ae-title", "CXRLAB", "--send-to", f"{ORTHANC_AET}@127.0.0.1:{pacs_port}", "--audit",
-                    str(self.audit), "--workers", "2"]
-
-    def __enter__(self):
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while echo(self.port) != 0:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"dicom-listen did not start: {self.text()[-2000:]}")
-            time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def audit_rows(self) -> list[sqlite3.Row]:
-        con = sqlite3.connect(self.audit)
-        con.row_factory = sqlite3.Row
-        try:
-            return con.execute("SELECT * FROM answers ORDER BY id").fetchall()
-        finally:
-            con.close()
-
-
-def echo(port: int, timeout: float = 5) -> int | None:
-    """C-ECHO status from the listener, None when nothing answers."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRLAB")
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_echo()
-        return getattr(status, "Status", None)
-    finally:
-        assoc.release()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ the source SOP instance. Concepts without a standard code use the private coding
 
 from __future__ import annotations
 
+import functools
 import io
 from datetime import datetime
 from pathlib import Path
@@ -136,6 +137,7 @@ def _derived(source: Dataset, sop_class: str, modality: str, series_number: int,
     return ds
 
 
+@functools.lru_cache(maxsize=32)
 def _font(size: int):
     """DejaVu Sans (shipped with matplotlib: it has the dashes), else Pillow's own font."""
     from PIL import ImageFont
