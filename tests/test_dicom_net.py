@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -295,3 +296,48 @@ def test_results_of_a_refused_film(model_dir):
     assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.SpecificCharacterSet == "ISO_IR 192"
     error = Prediction("x", threshold=0.5, error="corrupt DICOM pixel data")
     assert answer_line(model, error).endswith("not assessed: the film could not be read (corrupt DICOM pixel data)")
+
+
+def test_a_pacs_that_is_down_costs_no_answer_and_no_listener(model_dir, tmp_path):
+    """The results cannot be delivered: the film is still acknowledged and answered, the failure logged and
+    audited, and the listener keeps receiving (in this process: no PACS needed)."""
+    from pynetdicom import AE
+
+    from cxrlab.audit import open_audit
+    from cxrlab.dicom_net import Destination, Listener as InProcess
+
+    audit = open_audit(tmp_path / "audit.db")
+    listener = InProcess(Model(model_dir, threads=1), ae_title="CXRLAB", port=free_port(),
+                         send_to=Destination("NOBODY", "127.0.0.1", free_port()), audit=audit, workers=1)
+    listener.start()
+    try:
+        films = [film_dataset(f) for f in _films(2)]
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXRLAB")
+        assert assoc.is_established
+        try:
+            assert [assoc.send_c_store(ds).Status for ds in films] == [0, 0]
+        finally:
+            assoc.release()
+    finally:
+        listener.stop()  # waits for the queued films
+    rows = sqlite3.connect(audit.path).execute("SELECT source, decision, reason FROM answers").fetchall()
+    audit.close()
+    assert len(rows) == 2
+    assert all(src == "MODALITY@127.0.0.1" and dec in ("abnormal", "normal") and reason.startswith("not delivered")
+               for src, dec, reason in rows), rows
+
+
+def test_a_port_in_use_is_one_error_line(model_dir, capsys):
+    import socket
+
+    from cxrlab.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["dicom-listen", "--model", str(model_dir), "--port", str(port), "--send-to", "PACS@127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: dicom-listen: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1, err

@@ -614,7 +614,11 @@ def run_dicom_listen(a) -> int:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # Films are answered in parallel (one per worker), so each ONNX Runtime run gets one thread, as in serve.
     model = load_model(a.model, trust_modified=a.trust_modified_model, threads=1)
-    listen(model, ae_title=a.ae_title, port=a.port, send_to=send_to, host=a.host, audit=audit, workers=a.workers)
+    try:
+        listen(model, ae_title=a.ae_title, port=a.port, send_to=send_to, host=a.host, audit=audit, workers=a.workers)
+    finally:
+        if audit is not None:
+            audit.close()
     return 0
 
 

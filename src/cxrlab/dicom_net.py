@@ -224,18 +224,18 @@ def listen(model, *, ae_title: str, port: int, send_to: Destination, host: str =
     import signal
 
     stopping = threading.Event()
-    with_signal = threading.current_thread() is threading.main_thread()
-    if with_signal:
-        previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     listener = Listener(model, ae_title=ae_title, port=port, send_to=send_to, host=host, audit=audit, workers=workers)
-    listener.start()
+    with_signal = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set()) if with_signal else None
     try:
+        listener.start()
         while not stopping.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
     finally:
-        log.info("stopping: finishing the films already received")
+        if listener.server is not None:
+            log.info("stopping: finishing the films already received")
         listener.stop()
         if with_signal:
             signal.signal(signal.SIGTERM, previous)
