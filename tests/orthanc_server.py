@@ -1,8 +1,10 @@
 """A real Orthanc PACS (Debian's `orthanc` package) with a temporary configuration, `cxrlab dicom-listen` in a
 process of its own, and DICOM films to send them.
 
-Used by tests/test_dicom_net.py and benchmarks/dicom.py. Orthanc's HTTP port answers loopback only
-(RemoteAccessAllowed false); its database lives in the temporary folder and goes with it.
+Used by tests/test_dicom_net.py and benchmarks/dicom.py. Both of Orthanc's ports are free ones picked on
+127.0.0.1; its HTTP server answers loopback clients only (RemoteAccessAllowed false), while its DICOM port
+listens on every interface for the test's few seconds (Orthanc 1.10 has no option to bind it to one address).
+Its database lives in the temporary folder and goes with it.
 """
 
 from __future__ import annotations
