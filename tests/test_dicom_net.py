@@ -296,6 +296,8 @@ def test_results_of_a_refused_film(model_dir):
     assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.SpecificCharacterSet == "ISO_IR 192"
     error = Prediction("x", threshold=0.5, error="corrupt DICOM pixel data")
     assert answer_line(model, error).endswith("not assessed: the film could not be read (corrupt DICOM pixel data)")
+    no_threshold = Prediction("x", {"abnormal": 0.8, "normal": 0.2}, "abnormal")  # a model without operating point
+    assert answer_line(model, no_threshold).endswith("— decision: abnormal (score 0.800)")
 
 
 def test_a_pacs_that_is_down_costs_no_answer_and_no_listener(model_dir, tmp_path):

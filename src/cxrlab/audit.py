@@ -169,7 +169,8 @@ def summarise(path: str | os.PathLike) -> dict:
         "by_source": dict(Counter(r[2] or "" for r in rows).most_common(20)),
         "latency_ms_median": float(np.median(latencies)) if latencies else None,
         "first": rows[0][0] if rows else None, "last": rows[-1][0] if rows else None,
-        "weekly": [_week_row(model, week, group) for (model, week), group in sorted(weeks.items(), key=lambda kv: (kv[0][1], kv[0][0]))],
+        "weekly": [_week_row(model, week, group)
+                   for (model, week), group in sorted(weeks.items(), key=lambda kv: (kv[0][1], kv[0][0]))],
     }
 
 

@@ -51,8 +51,8 @@ NO_UNITS = ("1", "UCUM", "no units")
 
 def tb_suggestive(model, pred) -> bool | None:
     """True/False for a scored film of a model with a positive label, else None."""
-    if pred.ood or pred.error or pred.label is None or model.positive_label is None:
-        return None
+    if pred.ood or pred.error or pred.label is None or pred.positive_score is None or model.positive_label is None:
+        return None  # not scored, or a model without an operating point
     return pred.label == model.positive_label
 
 
