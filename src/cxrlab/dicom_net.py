@@ -103,7 +103,7 @@ class Sender:
             for ds in datasets:
                 status = assoc.send_c_store(ds)
                 code = getattr(status, "Status", None)
-                if code is None or code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                if code is None or code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
                     raise CxrlabError(f"{d}: C-STORE of {ds.SOPInstanceUID} answered "
                                       f"{'no status' if code is None else f'status 0x{code:04X}'}")
         finally:
