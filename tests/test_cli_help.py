@@ -21,6 +21,7 @@ SHARED = {  # option -> a value, for the options several commands share
     "--backbone": "inception-v3", "--precision": "fp32", "--seed": "7", "--output": "out", "--epochs": "3",
     "--ft": "lr=1e-4", "--trust-modified-model": None, "--fine-tune": None, "--no-ood": None, "--quiet": None,
     "--top-k": "2", "--image-dir": "lungs", "--how-many-training-steps": "50", "--testing-percentage": "20",
+    "--audit": "a.db",
 }
 
 
@@ -117,7 +118,8 @@ def _with_option(name: str, option: str, value) -> list[str]:
     argv = [name, option] + ([] if value is None else [value])
     required = {"predict": ["-m", "m", "x.png"], "evaluate": ["-m", "m", "d"], "site-shift": ["-m", "m", "d"],
                 "ood-check": ["-m", "m", "x.png"], "explain": ["-m", "m", "x.png"], "serve": ["-m", "m"],
-                "cv": ["d"], "compare": ["a"], "datasets": ["download", "shenzhen", "d"], "adapt": ["-m", "m", "d"]}
+                "cv": ["d"], "compare": ["a"], "datasets": ["download", "shenzhen", "d"], "adapt": ["-m", "m", "d"],
+                "dicom-listen": ["-m", "m", "--send-to", "PACS@h:104"], "audit": ["a.db"]}
     if name in ("explain", "adapt") and option != "--output":
         argv += ["-o", "out"]
     return argv + required.get(name, [])

@@ -32,6 +32,9 @@ EPILOG = {
     "explain": "example: cxrlab explain --model models/tb lungs/abnormal --output heatmaps/ --summary",
     "compare": "example: cxrlab compare runs/a/model eval/other --output cmp/",
     "site-shift": "example: cxrlab site-shift --model models/tb lungs_test/",
+    "dicom-listen": "example: cxrlab dicom-listen --model models/tb --ae-title CXRLAB --port 11112 "
+                    "--send-to ORTHANC@127.0.0.1:4242 --audit audit.db",
+    "audit": "example: cxrlab audit audit.db",
 }
 EXIT_STATUS = ("exit status: 0 success; 1 an input or output failed (one 'error:' line says which); "
                "2 a bad option or an internal error; 130 interrupted")
@@ -404,9 +407,12 @@ class BarForLongInputs:
             self._bar = None
 
 
-def predict_with_progress(model, paths, *, ood: bool = True, cluster=None) -> list:
+def predict_with_progress(model, paths, *, ood: bool = True, cluster=None, audit=None) -> list:
     """model.predict over the expanded files, with a bar on stderr for long inputs; on ``cluster``
-    (cluster.Cluster) with --ray."""
+    (cluster.Cluster) with --ray; each answer goes into the ``audit`` log when one is given (its latency: the
+    run's time shared by its files)."""
+    import time
+
     from .predict import expand_paths
 
     files = expand_paths(paths)
@@ -415,9 +421,36 @@ def predict_with_progress(model, paths, *, ood: bool = True, cluster=None) -> li
         return cluster.predict_files(model, files, ood=ood, progress=bar)
     bar.start(len(files), "predicting")
     try:
-        return model.predict(files, ood=ood, progress=bar)
+        started = time.monotonic()
+        preds = cluster.predict_files(model, files, ood=ood, progress=bar) if cluster is not None else \
+            model.predict(files, ood=ood, progress=bar)
+        if audit is not None:
+            _audit_files(audit, model, preds, (time.monotonic() - started) / max(1, len(preds)))
+        return preds
     finally:
         bar.close()
+
+
+def _audit_files(audit, model, preds, latency_s: float) -> None:
+    """One audit row per file: its SHA-256 (never its name, which may hold a patient's), the answer."""
+    from .audit import sha256
+
+    for p in preds:
+        try:
+            with open(p.path, "rb") as f:
+                digest = sha256(f.read())
+        except OSError:
+            digest = None
+        audit.record(p, model=model, surface="cli", source="cli", input_sha256=digest, latency_s=latency_s)
+
+
+def open_audit_arg(a):
+    """The --audit database of a command, opened before any work (None without the option)."""
+    if not getattr(a, "audit", None):
+        return None
+    from .audit import open_audit
+
+    return open_audit(a.audit)
 
 
 def _cell(value) -> str:
@@ -442,8 +475,13 @@ def run_predict(a) -> int:
         from .cluster import Cluster
 
         cluster = Cluster(a.ray, a.workers)  # joined (or refused in one line) before the model is loaded
+    audit = open_audit_arg(a)
     model = load_model_arg(a)
-    preds = predict_with_progress(model, a.paths, ood=not a.no_ood, cluster=cluster)
+    try:
+        preds = predict_with_progress(model, a.paths, ood=not a.no_ood, cluster=cluster, audit=audit)
+    finally:
+        if audit is not None:
+            audit.close()
     if a.format == "json":
         print(json.dumps([p.to_dict() for p in preds], indent=2))
     elif a.format == "csv":
@@ -666,6 +704,35 @@ def run_site_shift(a) -> int:
     return 0
 
 
+def run_dicom_listen(a) -> int:
+    import logging
+
+    from .dicom_net import check_ae_title, listen, parse_destination
+    from .predict import load_model
+
+    send_to = parse_destination(a.send_to)  # options first, then the model
+    check_ae_title(a.ae_title, "--ae-title")
+    audit = open_audit_arg(a)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Films are answered in parallel (one per worker), so each ONNX Runtime run gets one thread, as in serve.
+    model = load_model(a.model, trust_modified=a.trust_modified_model, threads=1)
+    try:
+        listen(model, ae_title=a.ae_title, port=a.port, send_to=send_to, host=a.host, audit=audit, workers=a.workers)
+    finally:
+        if audit is not None:
+            audit.close()
+    return 0
+
+
+def run_audit(a) -> int:
+    from .audit import format_summary, summarise
+
+    summary = summarise(a.database)
+    print(json.dumps(summary, indent=2) if a.format == "json" else "\n".join(format_summary(summary)))
+    return 0
+
+
 def run_serve(a) -> int:
     from .serve import serve
     from .serve_limits import limits_from_options
@@ -674,7 +741,7 @@ def run_serve(a) -> int:
                                  max_decode_mb=a.max_decode_mb, decode_budget_mb=a.decode_budget_mb,
                                  request_timeout=a.request_timeout)
     serve(a.model, host=a.host, port=a.port, allowed_hosts=a.allowed_host or (), trust_modified=a.trust_modified_model,
-          limits=limits, runtime=a.runtime, precision=a.precision)
+          limits=limits, runtime=a.runtime, precision=a.precision, audit=open_audit_arg(a))
     return 0
 
 
@@ -706,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "explain", metavar="DIR",
              help="also write class activation map overlays into this folder (default: none)")
     add_ray_option(p)
+    add_audit_option(p)
     p = command("evaluate", run_evaluate, "metrics of a model on any labelled folder (external validation)")
     add_model_options(p)
     p.add_argument("data", metavar="DATA", help="labelled folder (one subfolder per class)")
@@ -745,7 +813,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_from_name_option(p)
     add_output_option(p, "site_shift.json (the rows as JSON)", default_help=_PRINT_ONLY)
     add_serve_options(command("serve", run_serve, "a local web page and REST API"))
+    p = command("dicom-listen", run_dicom_listen, "receive films from a PACS (DICOM C-STORE) and send each answer "
+                                                  "back into the film's study as a Secondary Capture and an SR")
+    add_model_options(p)
+    add_flag(p, "ae_title", default="CXRLAB", metavar="AE", help="this listener's AE title")
+    p.add_argument("--port", type=v.port, default=11112, help="DICOM port to listen on, 1 to 65535")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind ('0.0.0.0': every interface, for a PACS "
+                                                       "on another machine)")
+    add_flag(p, "send_to", required=True, metavar="AE@HOST:PORT", help="the PACS that receives the answers")
+    add_flag(p, "workers", type=v.positive_int, default=None, metavar="N", help="films answered at once (default: one per core)")
+    add_audit_option(p)
+    p = command("audit", run_audit, "summarise an audit log: counts, refusal and shift-warning rates, weekly scores")
+    p.add_argument("database", metavar="DB", help="the audit database written with --audit")
+    add_flag(p, "format", choices=["text", "json"], default="text", help="how to print the summary")
     return parser
+
+
+def add_audit_option(p) -> None:
+    add_flag(p, "audit", metavar="DB", help="record every answer in this SQLite audit log (created if missing): "
+                                            "time, model hash, input SHA-256, source, decision, score, latency; "
+                                            "no pixels, no names")
 
 
 def add_adapt_options(p) -> None:
@@ -777,6 +864,7 @@ def add_serve_options(p) -> None:
                    help="decode memory of all images in flight together (default: 2048)")
     add_flag(p, "request_timeout", type=float, metavar="SECONDS",
                    help="time allowed for a request body to arrive (default: 60)")
+    add_audit_option(p)
 
 def add_cv_options(p) -> None:
     t = TrainOptions()  # cv shares train's defaults, but for its folds and its positive class

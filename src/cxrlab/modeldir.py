@@ -180,6 +180,17 @@ def load_model_files(directory: str | os.PathLike, *, trust_modified: bool = Fal
     return ModelFiles(info, labels, blobs[MODEL_FILE], arrays)
 
 
+def model_identity(files: ModelFiles) -> str:
+    """A stable identifier of the model as loaded: SHA-256 of its cxrlab.json with the digests of the files
+    actually loaded. For an intact directory this is the ``info_sha256`` recorded in cxrlab.json; a modified
+    one (``trust_modified``) gets another value, so its answers are never attributed to the trained model."""
+    actual = {MODEL_FILE: _sha256(files.onnx_bytes),
+              LABELS_FILE: _sha256(("\n".join(files.labels) + "\n").encode("utf-8")),
+              **{name: _sha256(data) for name, data in files.arrays.items()}}
+    recorded = files.info.get("files")
+    return _info_digest({**files.info, "files": {**(recorded if isinstance(recorded, dict) else {}), **actual}})
+
+
 def needed_files(info: dict) -> list[str]:
     """The files a model cannot be used without: the graph, its labels, the arrays the info refers to."""
     network = (info.get("fine_tune") or {}).get("network")  # a fine-tuned network, kept for `cxrlab adapt`

@@ -15,7 +15,7 @@ from .decode import DecodedImage, decode_array, decode_pil, resize
 from .discover import walk_images
 from .embed import in_order, make_session, prepare, read_file
 from .errors import DataError, ImageError, ModelDirError
-from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files
+from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files, model_identity
 from .modelschema import INPUT_SIZE_RANGE, Invalid, show
 from .modelschema import labels as check_labels
 from .runtime import default_threads
@@ -75,6 +75,7 @@ class Model:
         files = _loaded or load_model_files(self.directory, trust_modified=trust_modified)
         self.info, self.labels = files.info, files.labels
         self.files = files  # verified content, for workers that load the same model elsewhere (cluster.py)
+        self.sha256 = model_identity(files)  # what the audit log and the DICOM results name the model by
         graph_name, labels_name = _sources or (str(self.directory / MODEL_FILE), str(self.directory / LABELS_FILE))
         bf16 = (self.info.get("runtime") or {}).get("bf16") or {}
         self.engine = runtimes.resolve(runtime, precision, bf16_ok=bool(bf16.get("ok")))

@@ -30,10 +30,11 @@ import html
 import inspect
 import logging
 import os
+import time
 import weakref
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -191,8 +192,8 @@ class _Uploads:
     """Uploads -> results for one model: each upload checked, admitted through the decode budget and an
     inference slot (both shared by all requests), decoded and inferred in a worker thread."""
 
-    def __init__(self, model: Model, lim: ServeLimits):
-        self.model, self.lim = model, lim
+    def __init__(self, model: Model, lim: ServeLimits, audit=None):
+        self.model, self.lim, self.audit = model, lim, audit
         self.heatmapper = _load_heatmapper()
         self.slots = lim.inference_slots or max(1, os.cpu_count() or 1)
         # Heavy images (a quarter of the per-image decode limit and up) may use only half the slots, so a
@@ -201,14 +202,14 @@ class _Uploads:
         self.lanes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per event loop: (all, heavy)
         self.budget = DecodeBudget(lim.decode_budget_bytes)
 
-    async def predict_all(self, files: list[UploadFile], want_heatmap: bool) -> JSONResponse:
+    async def predict_all(self, files: list[UploadFile], want_heatmap: bool, client: str | None = None) -> JSONResponse:
         """One result per file in order; the first error's status when every file fails."""
         if len(files) > self.lim.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; the limit is {self.lim.max_files}")
         results, failures = [], []
         for i, upload in enumerate(files):
             try:
-                results.append(await self.handle(upload, i, want_heatmap))
+                results.append(await self.handle(upload, i, want_heatmap, client))
             except _Reject as exc:
                 failures.append(exc)
                 results.append(_failed_result(self.model, _clean_name(upload.filename, i), exc.detail))
@@ -216,7 +217,7 @@ class _Uploads:
             raise HTTPException(failures[0].status, "; ".join(f.detail for f in failures))
         return JSONResponse(json_safe({"results": results}))
 
-    async def handle(self, upload: UploadFile, i: int, want_heatmap: bool = True) -> dict:
+    async def handle(self, upload: UploadFile, i: int, want_heatmap: bool = True, client: str | None = None) -> dict:
         name = _clean_name(upload.filename, i)
         await _check_upload(upload, name, self.lim)
         cost = await run_in_threadpool(self.decode_cost, upload, name)
@@ -232,7 +233,7 @@ class _Uploads:
             heavy = cost >= self.heavy_cost
             async with heavy_slots if heavy else contextlib.nullcontext():
                 async with all_slots:
-                    return await run_in_threadpool(self.infer, data, name, want_heatmap, heavy)
+                    return await run_in_threadpool(self.infer, data, name, want_heatmap, heavy, client)
         finally:
             self.budget.release(cost)
 
@@ -256,20 +257,35 @@ class _Uploads:
                                f"{_mib(lim.max_decode_bytes)} (--max-decode-mb); send a smaller image")
         return estimate.nbytes
 
-    def infer(self, data: bytes, name: str, want_heatmap: bool = True, heavy: bool = False) -> dict:  # worker thread
-        model = self.model
+    def infer(self, data: bytes, name: str, want_heatmap: bool = True, heavy: bool = False,
+              client: str | None = None) -> dict:  # worker thread
+        model, started = self.model, time.monotonic()
         try:
             img = decode_image(data, name=name, max_pixels=self.lim.max_pixels, min_size=model.input_size)
             array = resize(img.pixels, model.input_size)
             maps: list | None = [] if want_heatmap and self.heatmapper is not None else None
             pred = model.predict_arrays([array], [img], names=[name], maps=maps)[0]
         except ImageError as exc:
+            self.record(None, data, client, started, exc.reason)
             raise _Reject(422, f"{name}: {exc.reason}") from None
         finally:
             if heavy:
                 _trim_heap()
         heatmap = self.heatmap(array, img, pred, name, maps[0]) if maps and not pred.ood else None
+        self.record(pred, data, client, started)
         return _prediction_result(model, name, pred, heatmap)
+
+    def record(self, pred, data: bytes, client: str | None, started: float, error: str | None = None) -> None:
+        """The answer into the audit log, when there is one: the upload's SHA-256, never its name or pixels."""
+        if self.audit is None:
+            return
+        from .audit import sha256
+
+        try:
+            self.audit.record(pred, model=self.model, surface="web", source=client, input_sha256=sha256(data),
+                              latency_s=time.monotonic() - started, reason=error)
+        except Exception:  # a full disk must not cost the answer; it is logged loudly
+            log.exception("could not write the audit log")
 
     def heatmap(self, array, img, pred, name: str, maps=None) -> str | None:
         """The heatmap overlay as base64 PNG, or None (no explain module, or it failed)."""
@@ -336,16 +352,18 @@ def _add_page_routes(app: FastAPI, model: Model, lim: ServeLimits) -> None:
 
 def _add_predict_route(app: FastAPI, uploads: _Uploads) -> None:
     @app.post("/api/predict", summary="Classify uploaded images")
-    async def predict(files: list[UploadFile] = File(..., description=f"one or more images ({SUPPORTED})"),
+    async def predict(request: Request,
+                      files: list[UploadFile] = File(..., description=f"one or more images ({SUPPORTED})"),
                       heatmap: bool = Query(True, description="compute a heatmap per image (0 to skip)")):
         """Multipart field `files`, one or more images; answers {"results": [...]}, one per file in order,
         with a per-file `error` when some files fail (the status is the first error's when all fail:
         413 too large, 415 not an image, 422 unreadable). 503 with Retry-After when the server is busy."""
-        return await uploads.predict_all(files, heatmap)
+        return await uploads.predict_all(files, heatmap, request.client.host if request.client else None)
 
 
 def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool = False,
-               limits: ServeLimits | None = None, runtime: str = "auto", precision: str = "auto") -> FastAPI:
+               limits: ServeLimits | None = None, runtime: str = "auto", precision: str = "auto",
+               audit=None) -> FastAPI:
     """The web app (page and JSON API) for one model.
 
     Parameters
@@ -361,6 +379,8 @@ def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool =
         default: ``ServeLimits()``.
     runtime, precision : str
         The inference engine of a model directory loaded here (see :func:`cxrlab.load_model`).
+    audit : cxrlab.audit.AuditLog, optional
+        Record every answer (the upload's SHA-256, the client's address, the decision, score and latency).
     """
     lim = ServeLimits() if limits is None else limits
     hosts = _answered_hosts(allowed_hosts)
@@ -370,7 +390,7 @@ def create_app(model_dir_or_model, *, allowed_hosts=None, trust_modified: bool =
     model = (model_dir_or_model if isinstance(model_dir_or_model, Model)
              else Model(model_dir_or_model, threads=1, trust_modified=trust_modified, runtime=runtime,
                         precision=precision))
-    uploads = _Uploads(model, lim)
+    uploads = _Uploads(model, lim, audit)
     app = FastAPI(title="cxrlab", description=f"Chest X-ray classifier. {DISCLAIMER} Intended use: {INTENDED_USE}.",
                   docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None, **_form_limits())
     app.add_middleware(RequestGuard, allowed_hosts=hosts, max_body=lim.max_request_bytes,
@@ -453,7 +473,7 @@ def server_config(app, *, host: str, port: int | None = None, header_timeout_s: 
 
 
 def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(), trust_modified: bool = False,
-          limits: ServeLimits | None = None, runtime: str = "auto", precision: str = "auto") -> None:
+          limits: ServeLimits | None = None, runtime: str = "auto", precision: str = "auto", audit=None) -> None:
     """Load a model directory and serve it with uvicorn until interrupted.
 
     Parameters
@@ -473,6 +493,8 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts
         checked before the model is loaded.
     runtime, precision : str
         The inference engine (see :func:`cxrlab.load_model`).
+    audit : cxrlab.audit.AuditLog, optional
+        Record every answer in this audit log.
     """
     import uvicorn
 
@@ -484,7 +506,7 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts
     if not 0 <= port <= 65535:
         raise ServeConfigError(f"serve: --port must be 0..65535, got {port}")
     app = create_app(model_dir, allowed_hosts=hosts, trust_modified=trust_modified, limits=lim, runtime=runtime,
-                     precision=precision)
+                     precision=precision, audit=audit)
     if ANY_HOST not in hosts and is_wildcard(host) and not allowed_hosts:
         log.warning("serving on all interfaces, but only the Host names %s are answered; "
                     "add --allowed-host NAME for the names clients use", ", ".join(sorted(hosts)))
