@@ -716,7 +716,8 @@ def run_dicom_listen(a) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # Films are answered in parallel (one per worker), so each ONNX Runtime run gets one thread, as in serve.
-    model = load_model(a.model, trust_modified=a.trust_modified_model, threads=1)
+    model = load_model(a.model, trust_modified=a.trust_modified_model, threads=1, runtime=a.runtime,
+                       precision=a.precision)
     try:
         listen(model, ae_title=a.ae_title, port=a.port, send_to=send_to, host=a.host, audit=audit, workers=a.workers)
     finally:
