@@ -187,15 +187,16 @@ class Listener:
 
         uid = str(header.SOPInstanceUID)
         array = img = None
+        maps: list = []  # the heatmap's class maps, from the prediction's own pass through the network
         try:
             array, img = prepare(data, self.model.input_size, uid)
-            pred = self.model.predict_arrays([array], [img], names=[uid])[0]
+            pred = self.model.predict_arrays([array], [img], names=[uid], maps=maps)[0]
         except ImageError as exc:  # a film whose pixels cannot be read: answered "not assessed"
             pred = Prediction(uid, threshold=self.model.threshold, error=exc.reason)
         line = answer_line(self.model, pred)
         results = [structured_report(header, self.model, pred, line)]
         if not pred.error and not pred.ood:
-            png = prediction_overlay_png(self.model, array, img.pixels, pred, max_side=OVERLAY_SIDE)
+            png = prediction_overlay_png(self.model, array, img.pixels, pred, max_side=OVERLAY_SIDE, maps=maps[0])
             results.insert(0, secondary_capture(header, png, line))
         reason = None
         try:
