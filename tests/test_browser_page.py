@@ -283,9 +283,9 @@ def report_html(tmp_path_factory):
         (root / "abnormal" / f"img_{i:03d}.png").rename(root / "normal" / f"relabelled_abnormal_{i:03d}.png")
         (root / "normal" / f"img_{i + 1:03d}.png").rename(root / "abnormal" / f"relabelled_normal_{i + 1:03d}.png")
     backbone = f"onnx:{write_tiny_backbone(tmp / 'tiny.onnx')}"
-    cxrlab.train(root, output=tmp / "model", backbone=backbone, validation_percentage=25, testing_percentage=40,
-                 ood=False)
-    return tmp / "model" / "report.html"
+    result = cxrlab.train(root, output=tmp / "model", backbone=backbone, validation_percentage=25,
+                          testing_percentage=40, ood=False)
+    return result.run_dir / "report.html"
 
 
 def test_report_in_chromium(sync_api, report_html, shots):

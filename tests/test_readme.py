@@ -82,12 +82,21 @@ def _found(folder: Path, *names: str) -> bool:
     return folder.is_dir() and all(any(folder.rglob(name)) for name in names)
 
 
+def _trained(ws: Path, output: str | None) -> bool:
+    """A model folder (model files only) and the run's report beside it."""
+    if output is None:
+        return _found(ws / "runs", "model.onnx", "labels.txt", "cxrlab.json", "MODEL_CARD.md", "report.html")
+    model, run = ws / output, ws / (output.rstrip("/") + ".run")
+    return (all((model / name).is_file() for name in ("model.onnx", "labels.txt", "cxrlab.json", "MODEL_CARD.md"))
+            and not (model / "report.html").exists() and (run / "report.html").is_file())
+
+
 # What a command must leave behind: (what, check(workspace, its --options, its stdout)). Outputs that are
 # optional (evaluate without --output prints only) are checked when asked for.
 CLAIMS = {
-    "train": ("model.onnx, labels.txt, cxrlab.json and report.html under --output (default: runs/)",
-              lambda ws, opt, out: _found(ws / opt.get("--output", "runs"), "model.onnx", "labels.txt",
-                                          "cxrlab.json", "report.html")),
+    "train": ("model.onnx, labels.txt, cxrlab.json and MODEL_CARD.md in --output, report.html in its run folder "
+              "beside it (--output DIR.run; default: runs/<time>/model and runs/<time>)",
+              lambda ws, opt, out: _trained(ws, opt.get("--output"))),
     "adapt": ("an adapted model under --output", lambda ws, opt, out: _found(ws / opt["--output"], "model.onnx")),
     "evaluate": ("metrics.json and report.html under --output", lambda ws, opt, out: (
         "--output" not in opt or _found(ws / opt["--output"], "metrics.json", "report.html"))),

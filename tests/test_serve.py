@@ -233,19 +233,24 @@ def test_client_path_is_not_used(client):
     assert r.status_code == 200 and r.json()["results"][0]["filename"] == "passwd.png"
 
 
+def maps_hw(model) -> tuple[int, int]:
+    x = np.zeros((1, model.input_size, model.input_size), np.float32)
+    return model.run(x, ["class_maps"])["class_maps"].shape[2:]
+
+
 def test_heatmap_when_explain_is_available(model, monkeypatch):
     calls = []
 
-    def fake(m, array, pixels, pred):
-        calls.append((m, pred.path))
+    def fake(m, array, pixels, pred, maps=None):
+        calls.append((m, pred.path, maps.shape))  # the class maps come from the prediction's own pass
         return b"\x89PNG fake"
 
     monkeypatch.setattr(serve_mod, "_load_heatmapper", lambda: fake)
     c = TestClient(serve_mod.create_app(model))
     r = post(c, ("a.png", image_bytes("PNG"), "image/png")).json()["results"][0]
-    assert base64.b64decode(r["heatmap_png"]) == b"\x89PNG fake" and calls == [(model, "a.png")]
+    assert base64.b64decode(r["heatmap_png"]) == b"\x89PNG fake" and calls == [(model, "a.png", (len(model.labels), *maps_hw(model)))]
 
-    def broken(m, array, pixels, pred):
+    def broken(m, array, pixels, pred, maps=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(serve_mod, "_load_heatmapper", lambda: broken)
@@ -257,7 +262,7 @@ def test_heatmap_when_explain_is_available(model, monkeypatch):
 def test_heatmap_query_parameter(model, monkeypatch):
     calls = []
 
-    def fake(m, array, pixels, pred):
+    def fake(m, array, pixels, pred, maps=None):
         calls.append(pred.path)
         return b"\x89PNG fake"
 

@@ -223,16 +223,16 @@ def _refit_gate(files: ModelFiles, scored: dict, seed: int) -> ModelFiles:
 def _adapted_runtime(files: ModelFiles, site: _Site, labels_of: dict | None) -> dict:
     """cxrlab.json's ``runtime`` for the adapted network: its bf16 parity on the site's labelled films, or none
     (so that it runs in fp32 by default)."""
-    from . import runtime
+    from .runtime import native_bf16, parity
 
     record = {k: v for k, v in (files.info.get("runtime") or {}).items() if k == "trained_with"}
-    if labels_of is None or not runtime.native_bf16():
+    if labels_of is None or not native_bf16():
         record["bf16_not_checked"] = ("the network was adapted without labels" if labels_of is None
                                       else "no native bf16 on the adapting machine")
         return record
     pos = files.labels.index(files.info["positive_label"])
     op = files.info.get("operating_point") or {}
-    record["bf16"] = {**runtime.parity(files.onnx_bytes, site.arrays, np.array([labels_of[p] for p in site.paths]),
+    record["bf16"] = {**parity(files.onnx_bytes, site.arrays, np.array([labels_of[p] for p in site.paths]),
                                        positive=pos, threshold=op.get("threshold")),
                       "data": "the site's labelled films"}
     return record

@@ -154,10 +154,10 @@ def add_ray_option(p, workers: bool = True) -> None:
     """--ray [ADDRESS] (and --workers N): run on a Ray cluster; Ray itself is imported only then."""
     add_flag(p, "ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
              help="run on a Ray cluster (pip install -e .[cluster]): auto (the default: RAY_ADDRESS, or the cluster "
-                  "`ray start --head` started here), local (start one for this run) or HOST:PORT")
+                  "`ray start --head` started here), local (start one for this run) or HOST:PORT (default: none, run here)")
     if workers:
         add_flag(p, "workers", type=v.positive_int, default=None, metavar="N",
-                 help="with --ray: Ray workers, >= 1 (default and most: one per core of the cluster)")
+                 help="with --ray: Ray workers, >= 1 and at most one per core of the cluster (default: one per core)")
 
 
 def add_quiet_option(p) -> None:
@@ -169,10 +169,10 @@ def add_train_options(p) -> None:
     p.add_argument("image_dir_pos", nargs="*", metavar="IMAGE_DIR",
                    help="folder with one subfolder per class; several folders: one per site (hospital), "
                         "trained on together with figures per site; a CSV with path,label[,site] columns also works")
-    add_flag(p, "image_dir", metavar="IMAGE_DIR", help="same as IMAGE_DIR")
+    add_flag(p, "image_dir", metavar="IMAGE_DIR", help="the tutorial's spelling of IMAGE_DIR (default: the IMAGE_DIR arguments)")
     add_output_option(p, "the deployable model: model.onnx, labels.txt, cxrlab.json, MODEL_CARD.md; the run's "
                          "report.html, predictions and split.csv go beside it, into DIR.run",
-                      default_help="; default: runs/<timestamp>/model")
+                      default_help=" (default: runs/<timestamp>/model)")
     add_backbone_option(p, t.backbone)
     add_flag(p, "bottleneck_dir", metavar="DIR", help="embedding cache folder (default: the user cache dir)")
     add_label_from_name_option(p)
@@ -833,7 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_audit_option(p) -> None:
     add_flag(p, "audit", metavar="DB", help="record every answer in this SQLite audit log (created if missing): "
                                             "time, model hash, input SHA-256, source, decision, score, latency; "
-                                            "no pixels, no names")
+                                            "no pixels, no names (default: none, nothing recorded)")
 
 
 def add_adapt_options(p) -> None:

@@ -193,13 +193,6 @@ class Cluster:
         progress.close()
         return [got[i] for i in range(len(paths))]
 
-    # -------------------------------------------------------------- fine-tuning
-    def fine_tune(self, *args, **kwargs):
-        """``finetune.fine_tune`` as data-parallel training with Ray Train (see finetune/distributed.py)."""
-        from .finetune.distributed import fine_tune_on_ray
-
-        return fine_tune_on_ray(*args, workers=self.workers, **kwargs)
-
     def _map(self, actor, args: dict, items: list[tuple[int, str]], batch_size: int):
         """Batches of ``actor(batch)`` over (index, path) items, as they finish (any order)."""
         ray = ray_module()

@@ -69,7 +69,7 @@ class Model:
     def __init__(self, directory: str | os.PathLike, *, threads: int | None = None, trust_modified: bool = False,
                  runtime: str = "auto", precision: str = "auto",
                  _loaded: ModelFiles | None = None, _sources: tuple[str, str] | None = None):
-        from . import runtime as runtimes
+        from .runtime import resolve
 
         self.directory = Path(directory)
         files = _loaded or load_model_files(self.directory, trust_modified=trust_modified)
@@ -78,7 +78,7 @@ class Model:
         self.sha256 = model_identity(files)  # what the audit log and the DICOM results name the model by
         graph_name, labels_name = _sources or (str(self.directory / MODEL_FILE), str(self.directory / LABELS_FILE))
         bf16 = (self.info.get("runtime") or {}).get("bf16") or {}
-        self.engine = runtimes.resolve(runtime, precision, bf16_ok=bool(bf16.get("ok")))
+        self.engine = resolve(runtime, precision, bf16_ok=bool(bf16.get("ok")))
         try:
             self.session = make_session(files.onnx_bytes, threads=threads, engine=self.engine)
         except Exception as exc:  # onnxruntime and openvino raise their own untyped errors

@@ -97,10 +97,10 @@ class TrainOptions:
     def engine(self):
         """The engine that embeds (and so measures) this run: ``runtime`` and ``precision`` resolved on this machine
         (bf16 by default only for a backbone whose cross-validated AUC it kept, runtime.BF16_AUC)."""
-        from . import runtime
+        from .runtime import bf16_offered, resolve
 
         execution = "auto" if self.precision == "int8" else self.precision
-        return runtime.resolve(self.runtime, execution, bf16_ok=runtime.bf16_offered(self.backbone))
+        return resolve(self.runtime, execution, bf16_ok=bf16_offered(self.backbone))
 
     def distortions(self) -> dict:
         return {"flip_left_right": self.flip_left_right, "random_crop": self.random_crop,

@@ -313,12 +313,12 @@ def _runtime_record(onnx_bytes: bytes, fit: Fit, cal: Calibrated, splits: Splits
                     positive: str | None, labels: list[str]) -> dict:
     """cxrlab.json's ``runtime``: the engine the figures were measured with, and the saved model's bf16 parity on
     the test split (run in bf16 by default only where it passed)."""
-    from . import runtime
+    from .runtime import native_bf16, openvino_installed, parity
     from .embed import prepare, read_file
 
     record = {"trained_with": fit.embedder.engine.to_json()}
-    if not runtime.native_bf16():
-        record["bf16_not_checked"] = "no native bf16 on the training machine" if runtime.openvino_installed() \
+    if not native_bf16():
+        record["bf16_not_checked"] = "no native bf16 on the training machine" if openvino_installed() \
             else "OpenVINO is not installed"
         return record
     arrays, y = [], []
@@ -329,7 +329,7 @@ def _runtime_record(onnx_bytes: bytes, fit: Fit, cal: Calibrated, splits: Splits
         except ImageError:
             continue
     pos = labels.index(positive) if positive is not None else None
-    record["bf16"] = runtime.parity(onnx_bytes, arrays, np.asarray(y), positive=pos,
+    record["bf16"] = parity(onnx_bytes, arrays, np.asarray(y), positive=pos,
                                     threshold=cal.operating_point_info["threshold"] if cal.operating_point_info else None)
     return record
 

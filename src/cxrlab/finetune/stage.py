@@ -69,7 +69,14 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
     spec = replace(bb.spec, input_size=size)
     X_tr, ok_tr = load_arrays([image_dir / r.relpath for r in splits.train], size)
     X_va, ok_va = load_arrays([image_dir / r.relpath for r in splits.validation], size)
-    train = cluster.fine_tune if cluster is not None else fine_tune
+    if cluster is not None:  # data-parallel with Ray Train (finetune/distributed.py)
+        from functools import partial
+
+        from .distributed import fine_tune_on_ray
+
+        train = partial(fine_tune_on_ray, workers=cluster.workers)
+    else:
+        train = fine_tune
     res = train(spec, weights_path(bb.spec), X_tr, splits.y(splits.train)[ok_tr], X_va,
                 splits.y(splits.validation)[ok_va], seed=seed, options=options, on_epoch=on_epoch, progress=progress)
     sha = state_sha256(res.module, {"options": options.to_dict(), "base": bb.weights_sha256})
