@@ -68,6 +68,9 @@ SPEED_UPS = {
     "benchmarks/accuracy.py": (["--ft", "epochs=1", "--ft", "input_size=64"],
                                "the fine-tuned variant with 1 epoch at 64 px, as the set-up command"),
     "serve": (["--port", "{free_port}"], "a free port (8000 may be taken); started, asked for its page, stopped"),
+    "dicom-listen": (["--port", "{free_port}"], "a free port (11112 may be taken); started, sent a DICOM C-ECHO, "
+                                                "stopped; its PACS (--send-to) is not there, and no film is sent: "
+                                                "tests/test_dicom_net.py runs it against a real Orthanc"),
 }
 # A training command with its own fine-tuning recipe cannot take --head-only: its options are parsed (argparse
 # and FineTuneOptions validate every --ft KEY=VALUE) but it is not trained, for time.
@@ -115,6 +118,9 @@ CLAIMS = {
         and _found(Path(opt["--output_graph"]).with_name("output_graph.cxrlab"), "model.onnx"))),
     "label_image": ("a label line", lambda ws, opt, out: ANSWER.search(out)),
     "serve": ("its web page at http://127.0.0.1:PORT/", lambda ws, opt, out: "<html" in out.lower()),
+    "dicom-listen": ("a DICOM node answering C-ECHO, and its audit log", lambda ws, opt, out: (
+        out == "echo: 0x0000" and ("--audit" not in opt or (ws / opt["--audit"]).is_file()))),
+    "audit": ("a summary of the audit log", lambda ws, opt, out: bool(out.strip())),
     "benchmarks/accuracy.py": ("figures of each variant", lambda ws, opt, out: "linear" in out and "best" in out),
 }
 
@@ -301,6 +307,37 @@ def _serve(argv: list[str], ws: Path, wait_s: float = 90) -> tuple[int, str, str
     return (0 if page else 1), page, err
 
 
+def _dicom_listen(argv: list[str], ws: Path, wait_s: float = 90) -> tuple[int, str, str]:
+    """Start the listener, send it a C-ECHO until it answers (at most wait_s), stop it with SIGTERM: (0 when it
+    answered and stopped cleanly, "echo: <status>", its stderr)."""
+    from pynetdicom import AE
+
+    port = int(argv[argv.index("--port") + 1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "cxrlab", *argv[1:]], cwd=ws, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    answer, deadline = "", time.time() + wait_s
+    ae = AE(ae_title="READMETEST")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    try:
+        while time.time() < deadline and proc.poll() is None and not answer:
+            assoc = ae.associate("127.0.0.1", port, ae_title="CXRLAB")
+            if assoc.is_established:
+                status = assoc.send_c_echo()
+                assoc.release()
+                answer = f"echo: 0x{status.Status:04X}" if status else ""
+            else:
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    return (0 if answer and proc.returncode == 0 else 1), answer, err
+
+
 def prepare(step: Step, ws: Path) -> tuple[list[str] | None, str]:
     """The argv to run (None: parse only) and a note of what was changed and why."""
     argv, notes = [str(ws / a[1:]) if a.startswith("/tmp/") else a for a in step.argv], []  # never the real /tmp
@@ -341,6 +378,8 @@ def run_step(argv: list[str], ws: Path) -> tuple[int, str, str]:
     program = argv[0]
     if program == "cxrlab" and argv[1] == "serve":
         return _serve(argv, ws)
+    if program == "cxrlab" and argv[1] == "dicom-listen":
+        return _dicom_listen(argv, ws)
     if program == "cxrlab":
         return _in_process(cxrlab_main, argv[1:])
     if program == "retrain":
