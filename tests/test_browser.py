@@ -52,18 +52,23 @@ def trained(shenzhen_dir, shenzhen_run):
 
 @pytest.fixture(scope="module")
 def server_url(trained):
-    """uvicorn in a background thread on a socket bound (race free) to a free loopback port."""
-    import uvicorn
-
+    """The trained model's page and API, served on a free loopback port."""
     from cxrlab.serve import create_app
 
     model_dir, _ = trained
+    yield from live_server(create_app(model_dir))
+
+
+def live_server(app):
+    """Yield the URL of ``app`` served by uvicorn in a background thread on a socket bound (race free) to a free
+    loopback port; stop it after."""
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model_dir), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -13,9 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_browser import LAUNCH_ARGS, chromium_path
+from test_browser import LAUNCH_ARGS, chromium_path, live_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("onnx")
@@ -92,27 +89,10 @@ LIMITS = {"max_files": 32, "max_upload_bytes": 64 * 2**10, "max_request_bytes": 
 
 @pytest.fixture(scope="module")
 def page_server(tiny_model_dir):
-    import uvicorn
-
     from cxrlab.serve import create_app
     from cxrlab.serve_limits import ServeLimits
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(tiny_model_dir, limits=ServeLimits(**LIMITS, inference_slots=2))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    yield from live_server(create_app(tiny_model_dir, limits=ServeLimits(**LIMITS, inference_slots=2)))
 
 
 def png(seed: int, size: int = 64, colour: bool = False, noise: bool = False) -> bytes:

@@ -17,6 +17,7 @@ from ._version import __version__
 from .backbones import DEFAULT_BACKBONE
 from .errors import CxrlabError
 from .finetune.options import FineTuneOptions
+from .progress import TqdmProgress
 from .runtime import EXECUTION_PRECISIONS, RUNTIMES, TRAIN_PRECISIONS as PRECISIONS
 from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS, TrainOptions
 
@@ -384,27 +385,12 @@ def _show_progress(n_files: int) -> bool:
     return n_files >= PROGRESS_ALWAYS_FILES or (n_files >= PROGRESS_MIN_FILES and _stderr_is_terminal())
 
 
-class BarForLongInputs:
+class BarForLongInputs(TqdmProgress):
     """A progress bar (tqdm, on stderr) only for inputs long enough to want one: see _show_progress."""
 
-    def __init__(self):
-        self._bar = None
-
     def start(self, total: int, desc: str) -> None:
-        from .progress import TqdmProgress
-
-        self._bar = TqdmProgress() if _show_progress(total) else None
-        if self._bar is not None:
-            self._bar.start(total, desc)
-
-    def advance(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.advance(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if _show_progress(total):
+            super().start(total, desc)
 
 
 def predict_with_progress(model, paths, *, ood: bool = True, cluster=None, audit=None) -> list:
