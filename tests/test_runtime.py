@@ -2,13 +2,14 @@
 chooses, the bf16 parity record a trained model carries, and one pass through the network per image."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 import cxrlab
 from cxrlab import runtime
-from cxrlab.backbones import create_backbone
+from cxrlab.backbones import cache_dir, create_backbone
 from cxrlab.cli import main
 from cxrlab.embed import Embedder, prepare, read_file
 from cxrlab.errors import CxrlabError
@@ -82,6 +83,42 @@ def test_openvino_fp32_gives_onnx_runtimes_outputs_names_shapes_and_metadata(tin
 
 
 @needs_bf16
+@needs_openvino
+def test_openvino_sends_no_usage_report(tmp_path):
+    """OpenVINO's own telemetry writes a client id under ~/intel and posts an event on import; through
+    cxrlab it is never loaded."""
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np\n"
+              "from cxrlab import runtime\n"
+              "from cxrlab.backbones import create_backbone\n"
+              "s = runtime.make_session(create_backbone('efficientnet-lite0').onnx_path, "
+              "engine=runtime.Engine('openvino', 'fp32'))\n"
+              "s.run(['embedding'], {'image': np.zeros((1, 1, 224, 224), np.float32)})\n"
+              "print(sys.modules.get('openvino_telemetry'))\n")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.setdefault("CXRLAB_CACHE_DIR", str(cache_dir()))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert not (tmp_path / "intel").exists()
+
+
+def test_an_embedder_whose_every_image_is_cached_never_compiles_the_graph(tmp_path):
+    from cxrlab.cache import EmbeddingStore
+    from conftest import make_dataset
+
+    bb = create_backbone("efficientnet-lite0")
+    paths = sorted(make_dataset(tmp_path / "lungs", n_per_class=3, size=72).rglob("*.png"))
+    store = EmbeddingStore(tmp_path / "cache", bb.cache_key(), bb.spec.embed_dim)
+    first = Embedder(bb).embed_files(paths, store=store)
+    warm = Embedder(bb)
+    again = warm.embed_files(paths, store=EmbeddingStore(tmp_path / "cache", bb.cache_key(), bb.spec.embed_dim))
+    assert "session" not in vars(warm) and again.hits == len(paths)
+    assert np.array_equal(first.vectors, again.vectors)
+
+
 def test_bf16_is_deterministic_and_close_to_fp32():
     bb = create_backbone("efficientnet-lite0")
     x = arrays(4, bb.spec.input_size)
@@ -116,6 +153,40 @@ def test_a_trained_model_records_its_engine_and_bf16_parity(tiny_model):
     else:
         assert "bf16" not in record and record["bf16_not_checked"]
         assert load_model(out).engine == REFERENCE
+
+
+def test_a_warm_rerun_reuses_the_parity_of_the_same_graph_and_a_forged_record_is_ignored(tiny_model, tiny_backbone,
+                                                                                        tmp_path):
+    """The record is keyed by the graph's bytes and the test films: the same training run gives the same
+    record without running the graph again; a record edited on disk fails its HMAC and is measured again."""
+    if not runtime.native_bf16():
+        pytest.skip("this CPU has no native bf16 (OpenVINO lists no BF16 capability)")
+    from cxrlab.backbones import cache_dir
+
+    _, data = tiny_model
+    records = cache_dir() / "records" / "parity"
+    calls = []
+    real = runtime.parity
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    def train(out):
+        cxrlab.train(data, output=out, backbone=tiny_backbone, fine_tune=False,
+                     how_many_training_steps=60, report=False)
+        return json.loads((out / "cxrlab.json").read_text())["runtime"]["bf16"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "parity", counting)
+        first = train(tmp_path / "a")
+        before = len(calls)
+        assert train(tmp_path / "b") == first and len(calls) == before  # looked up, not run
+        for f in records.glob("*.json"):
+            stored = json.loads(f.read_text())
+            stored["record"]["ok"] = not stored["record"]["ok"]
+            f.write_text(json.dumps(stored))
+        assert train(tmp_path / "c") == first and len(calls) == before + 1  # the forgery is not believed
 
 
 def test_parity_compares_the_same_graph_in_both_precisions(tiny_model):

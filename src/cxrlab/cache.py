@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hmac
 import io
+import json
 import os
 import secrets
 import stat
@@ -294,3 +295,29 @@ class EmbeddingStore:
     def maybe_compact(self) -> None:
         if self._untrusted_on_disk or len(self._segments()) > COMPACT_AFTER:
             self.compact()
+
+
+# ------------------------------------------------------------------ small measured records
+def read_record(kind: str, key: str) -> dict | None:
+    """A JSON record that ``write_record`` stored under (kind, key), or None: missing, damaged, or not written
+    by this user (its HMAC fails). Used for results that are slow to measure and fixed by their inputs."""
+    path = cache_dir() / "records" / kind / f"{key}.json"
+    try:
+        _check_private(path, f"cached {kind} record", kind=stat.S_ISREG)
+        stored = json.loads(path.read_bytes())
+        record, mac = stored["record"], bytes.fromhex(stored["mac"])
+    except (OSError, ValueError, KeyError, TypeError, CxrlabError):
+        return None
+    return record if hmac.compare_digest(mac, _record_mac(kind, key, record)) else None
+
+
+def write_record(kind: str, key: str, record: dict) -> None:
+    folder = _private_dir(cache_dir() / "records", "cxrlab record folder")
+    folder = _private_dir(folder / kind, f"cached {kind} records")
+    data = json.dumps({"record": record, "mac": _record_mac(kind, key, record).hex()}, sort_keys=True)
+    _write_private(folder / f"{key}.json", data.encode(), sync=False)
+
+
+def _record_mac(kind: str, key: str, record: dict) -> bytes:
+    message = json.dumps([kind, key, record], sort_keys=True).encode()
+    return hmac.new(user_key(), b"cxrlab record v1\0" + message, "sha256").digest()

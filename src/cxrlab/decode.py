@@ -286,7 +286,7 @@ def _pillow_pixels(img: Image.Image, data: bytes, label: str, min_size: int | No
         arr, spread, bits = _scale(img, grey[0], grey[1]), 0.0, grey[2]
     else:
         arr, spread, bits = _pil_to_gray(img)
-    return gray_image(arr, w, h, fmt, bits, colorfulness=spread)
+    return gray_image(arr, w, h, fmt, bits, colorfulness=spread, in_range=grey is None)
 
 
 def _reduce_for(img: Image.Image, min_size: int | None) -> Image.Image:
@@ -410,17 +410,19 @@ def _check_wide_colour(img: Image.Image, data: bytes, label: str) -> None:
                                 "grayscale or as 8-bit")
 
 
+_BYTE_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255)  # exactly float32(v) / 255, looked up
+
+
 def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, float, int]:
     """(grey levels, colorfulness in 0..1, bits) of an 8-bit Pillow image."""
     mode = img.mode
     if mode in ("L", "1", "LA", "La"):
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, 0.0, 8
+        return _BYTE_LEVELS[np.asarray(img.convert("L"))], 0.0, 8
     if mode != "RGB":
         # Palette via RGBA so transparency never warns; alpha is then dropped, not composited.
         img = img.convert("RGBA" if mode in ("P", "PA") else "RGB").convert("RGB")
     spread = colorfulness(np.asarray(img)) / 255.0  # uint8 all the way: large photos stay cheap
-    gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    return gray, spread, 8
+    return _BYTE_LEVELS[np.asarray(img.convert("L"))], spread, 8
 
 
 def _decode_dicom(data: bytes, label: str, max_pixels: int, *, force: bool) -> DecodedImage:

@@ -7,6 +7,7 @@ batch runs through the network. At most a few batches are in flight, so memory s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import deque
@@ -77,7 +78,12 @@ class Embedder:
         self.size = backbone.spec.input_size
         self.batch_size = batch_size
         self.workers = workers or min(4, default_threads())
-        self.session = make_session(backbone.onnx_path, threads=threads, engine=engine)
+        self.threads = threads
+
+    @functools.cached_property
+    def session(self):
+        """Made on first use: a run whose every image is cached never compiles the graph."""
+        return make_session(self.backbone.onnx_path, threads=self.threads, engine=self.engine)
 
     def cache_key(self) -> str:
         """The cache namespace of this embedder's vectors: the backbone's, and the engine's unless it is the reference."""

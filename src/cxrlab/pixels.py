@@ -110,10 +110,12 @@ def _finish(arr: np.ndarray) -> np.ndarray:
 
 
 def gray_image(pixels: np.ndarray, w: int, h: int, fmt: str, bits: int, *,
-               colorfulness: float = 0.0) -> DecodedImage:
+               colorfulness: float = 0.0, in_range: bool = False) -> DecodedImage:
     """Grey levels (NaN black, clipped to [0, 1]) as a DecodedImage; ``colorfulness`` (0..1) of the colour
-    image they were taken from, if any: above COLOR_THRESHOLD the image counts as a colour one."""
-    return DecodedImage(_finish(pixels), w, h, fmt, colorfulness > COLOR_THRESHOLD, colorfulness, bits)
+    image they were taken from, if any: above COLOR_THRESHOLD the image counts as a colour one.
+    ``in_range``: ``pixels`` are float32 levels of 8-bit samples, finite and in [0, 1] already."""
+    pixels = pixels if in_range else _finish(pixels)
+    return DecodedImage(pixels, w, h, fmt, colorfulness > COLOR_THRESHOLD, colorfulness, bits)
 
 
 def colour_image(rgb: np.ndarray, w: int, h: int, fmt: str, bits: int) -> DecodedImage:
