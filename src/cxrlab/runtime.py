@@ -181,16 +181,18 @@ class OpenVINOSession:
     request is not)."""
 
     def __init__(self, onnx: str | os.PathLike | bytes, *, threads: int, precision: str = "fp32"):
-        import onnx as onnx_lib
-
-        proto = onnx_lib.load_model_from_string(onnx if isinstance(onnx, bytes) else Path(onnx).read_bytes())
-        self._metadata = {p.key: p.value for p in proto.metadata_props}
-        self._outputs = [SimpleNamespace(name=o.name, shape=_dims(o)) for o in proto.graph.output]
+        core = _core()
+        # Read by OpenVINO itself: the onnx package costs a second of start-up, most of a one-image predict.
+        model = core.read_model(onnx if isinstance(onnx, bytes) else Path(onnx).read_bytes(), b"")
+        self._metadata = _metadata(model)
+        self._outputs = [_port(o) for o in model.outputs]
         # A cxrlab model's linear head runs here in fp32: in bf16 it moved probabilities by up to 6e-4 from the
         # figures train measured (on the same bf16 embeddings), for no speed.
-        self._head = _split_head(proto)
-        core = _core()
-        model = core.read_model(proto.SerializeToString())
+        model, self._head = _split_head(model)
+        if self._head is not None:  # OpenVINO leaves the embedding's width open; the head's weights fix it
+            for o in self._outputs:
+                if o.name == "embedding":
+                    o.shape = [o.shape[0], self._head.W.shape[1]]
         streams = max(1, default_threads() // int(threads))
         self._compiled = core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -238,33 +240,32 @@ class _Head:
                 "class_maps": np.einsum("kc,nchw->nkhw", self.W_conv, body["features"].astype(np.float32))}
 
 
-HEAD_NODES = ("head_gemm", "head_temperature", "head_softmax", "head_cam")
+HEAD_WEIGHTS = ("head_W", "head_b", "head_T", "head_W_conv")
+HEAD_OUTPUTS = ("probabilities", "logits", "class_maps")
 
 
-def _split_head(proto) -> _Head | None:
-    """Take cxrlab's fused head out of ``proto`` (in place; its body then ends at ``embedding`` and ``features``)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    g = proto.graph
-    if sorted(n.name for n in g.node if n.name in HEAD_NODES) != sorted(HEAD_NODES):
-        return None
-    w = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.name.startswith("head_")}
-    kept = [n for n in g.node if n.name not in HEAD_NODES]
-    del g.node[:]
-    g.node.extend(kept)
-    body = [o for o in g.output if o.name not in ("probabilities", "logits", "class_maps")]
-    del g.output[:]
-    g.output.extend([*body, helper.make_tensor_value_info("features", TensorProto.FLOAT, None)])
-    kept_init = [i for i in g.initializer if not i.name.startswith("head_")]
-    del g.initializer[:]
-    g.initializer.extend(kept_init)
-    W = np.asarray(w["head_W"], np.float32)
-    return _Head(W, np.asarray(w["head_b"], np.float32), np.float32(w["head_T"]),
-                 np.asarray(w["head_W_conv"], np.float32).reshape(W.shape[0], -1))
+def _split_head(model):
+    """(body, head): cxrlab's fused head taken out of an OpenVINO model read from ONNX (the body ends at
+    ``embedding`` and ``features``), or (model, None) for a graph without one."""
+    ops = {op.get_friendly_name(): op for op in model.get_ops()}
+    ports = {name: port for op in model.get_ops() if op.get_type_name() != "Result"
+             for port in op.outputs() for name in port.get_names()}
+    if not all(name in ops and ops[name].get_type_name() == "Constant" for name in HEAD_WEIGHTS) \
+            or "features" not in ports:
+        return model, None
+    w = {name: np.array(ops[name].get_data(), np.float32) for name in HEAD_WEIGHTS}
+    kept = [o.get_any_name() for o in model.outputs if o.get_any_name() not in HEAD_OUTPUTS]
+    body = openvino().Model([ports[name] for name in [*kept, "features"]], model.get_parameters(), "body")
+    W = w["head_W"]
+    return body, _Head(W, w["head_b"], np.float32(w["head_T"]), w["head_W_conv"].reshape(W.shape[0], -1))
 
 
-def _dims(value_info) -> list:
-    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+def _metadata(model) -> dict[str, str]:
+    """The ONNX file's metadata_props, which OpenVINO keeps under rt_info["framework"]."""
+    if not model.has_rt_info(["framework"]):
+        return {}
+    keys = model.get_rt_info(["framework"]).astype(dict)
+    return {key: model.get_rt_info(["framework", key]).astype(str) for key in keys}
 
 
 def _port(port) -> SimpleNamespace:
