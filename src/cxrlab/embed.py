@@ -7,9 +7,9 @@ batch runs through the network. At most a few batches are in flight, so memory s
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from .cache import EmbeddingStore
 from .decode import DecodedImage, decode_image, read_image_bytes, resize
 from .errors import CxrlabError, ImageError
 from .progress import Progress, resolve
-from .runtime import REFERENCE, Engine, default_threads, make_session
+from .runtime import REFERENCE, Engine, default_threads, lanes, make_session
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,17 @@ class Embedder:
         self.size = backbone.spec.input_size
         self.batch_size = batch_size
         self.workers = workers or min(4, default_threads())
-        self.threads = threads
+        self.lanes, self.threads = lanes(threads, engine)
+        self._session = None
+        self._session_lock = threading.Lock()
 
-    @functools.cached_property
+    @property
     def session(self):
         """Made on first use: a run whose every image is cached never compiles the graph."""
-        return make_session(self.backbone.onnx_path, threads=self.threads, engine=self.engine)
+        with self._session_lock:
+            if self._session is None:
+                self._session = make_session(self.backbone.onnx_path, threads=self.threads, engine=self.engine)
+        return self._session
 
     def cache_key(self) -> str:
         """The cache namespace of this embedder's vectors: the backbone's, and the engine's unless it is the reference."""
@@ -94,9 +99,9 @@ class Embedder:
 
     def embed_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
         """Embed already-resized (size, size) arrays."""
-        out = []
-        for i in range(0, len(arrays), self.batch_size):
-            out.append(self.run(np.stack(arrays[i : i + self.batch_size]))[0])
+        batches = (np.stack(arrays[i : i + self.batch_size]) for i in range(0, len(arrays), self.batch_size))
+        with ThreadPoolExecutor(self.lanes) as pool:
+            out = [vectors for _, (vectors,) in in_lanes(pool, self.run, batches, lanes=self.lanes)]
         return np.concatenate(out) if out else np.zeros((0, self.backbone.spec.embed_dim), np.float32)
 
     def embed_files(
@@ -111,33 +116,48 @@ class Embedder:
         progress = resolve(progress)
         progress.start(len(paths), f"embedding ({self.backbone.id})")
         got = _Collected()
-        batch: list[tuple[int, bytes, np.ndarray]] = []
-        with ThreadPoolExecutor(self.workers) as pool:
-            loads = in_order(pool, lambda path: self._load(path, store), paths, lookahead=2 * self.batch_size)
-            for i, fut in loads:
-                try:
-                    d, value, was_hit = fut.result()
-                except ImageError as exc:
-                    got.skipped.append((i, SkippedFile(str(paths[i]), exc.reason)))
-                    progress.advance()
-                    continue
-                got.digests[i] = d
-                if was_hit:
-                    got.vectors[i] = value
-                    got.hits += 1
-                    progress.advance()
-                else:
-                    batch.append((i, d, value))
-                    if len(batch) == self.batch_size:
-                        self._flush(batch, got, store, progress)
-            if batch:
-                self._flush(batch, got, store, progress)
+        with ThreadPoolExecutor(self.workers) as decoders, ThreadPoolExecutor(self.lanes) as lanes_pool:
+            loads = in_order(decoders, lambda path: self._load(path, store), paths,
+                             lookahead=(self.lanes + 1) * self.batch_size)
+            batches = self._batches_to_run(loads, paths, got, progress)
+            for batch, out in in_lanes(lanes_pool, self._forward, batches, lanes=self.lanes):
+                for (i, _, _), v in zip(batch, out):
+                    got.vectors[i] = v
+                if store is not None:
+                    store.put_many([d for _, d, _ in batch], out)
+                progress.advance(len(batch))
         if store is not None:
             store.hits += got.hits
             store.misses += len(got.digests) - got.hits
             store.maybe_compact()
         progress.close()
         return got.result(paths, self.backbone.spec.embed_dim)
+
+    def _batches_to_run(self, loads, paths: list, got: "_Collected", progress: Progress):
+        """Batches of (index, digest, image) not in the cache; cache hits and unreadable files are noted in ``got``."""
+        batch: list[tuple[int, bytes, np.ndarray]] = []
+        for i, fut in loads:
+            try:
+                d, value, was_hit = fut.result()
+            except ImageError as exc:
+                got.skipped.append((i, SkippedFile(str(paths[i]), exc.reason)))
+                progress.advance()
+                continue
+            got.digests[i] = d
+            if was_hit:
+                got.vectors[i] = value
+                got.hits += 1
+                progress.advance()
+                continue
+            batch.append((i, d, value))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _forward(self, batch: list[tuple[int, bytes, np.ndarray]]) -> np.ndarray:
+        return self.run(np.stack([a for _, _, a in batch]))[0]
 
     def _load(self, path: str | os.PathLike, store: EmbeddingStore | None) -> tuple[bytes, np.ndarray, bool]:
         """(digest, cached embedding or resized image, whether it was cached); runs in a worker thread."""
@@ -146,16 +166,6 @@ class Embedder:
         if store is not None and (hit := store.lookup(d)) is not None:
             return d, hit, True
         return d, prepare(data, self.size, str(path))[0], False
-
-    def _flush(self, batch: list, got: _Collected, store: EmbeddingStore | None, progress: Progress) -> None:
-        """Run the batch of (index, digest, image) through the network, keep and cache the embeddings."""
-        out = self.run(np.stack([a for _, _, a in batch]))[0]
-        for (i, _, _), v in zip(batch, out):
-            got.vectors[i] = v
-        if store is not None:
-            store.put_many([d for _, d, _ in batch], out)
-        progress.advance(len(batch))
-        batch.clear()
 
 
 def in_order(pool: ThreadPoolExecutor, fn, items: list, *, lookahead: int):
@@ -167,6 +177,20 @@ def in_order(pool: ThreadPoolExecutor, fn, items: list, *, lookahead: int):
             in_flight.append((next_i, pool.submit(fn, items[next_i])))
             next_i += 1
         yield in_flight.popleft()
+
+
+def in_lanes(pool: ThreadPoolExecutor, fn, batches, *, lanes: int):
+    """Yield (batch, fn(batch)) in the order of ``batches``, with ``lanes`` of them running at once on ``pool``
+    (and one more queued, so that a lane never waits for the next batch to be gathered)."""
+    in_flight: deque = deque()
+    for batch in batches:
+        in_flight.append((batch, pool.submit(fn, batch)))
+        while len(in_flight) > lanes:
+            done, future = in_flight.popleft()
+            yield done, future.result()
+    while in_flight:
+        done, future = in_flight.popleft()
+        yield done, future.result()
 
 
 @dataclass

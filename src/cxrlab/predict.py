@@ -13,7 +13,7 @@ from PIL import Image
 
 from .decode import DecodedImage, decode_array, decode_pil, resize
 from .discover import walk_images
-from .embed import in_order, make_session, prepare, read_file
+from .embed import in_lanes, in_order, make_session, prepare, read_file
 from .errors import DataError, ImageError, ModelDirError
 from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files, model_identity
 from .modelschema import INPUT_SIZE_RANGE, Invalid, show
@@ -69,7 +69,7 @@ class Model:
     def __init__(self, directory: str | os.PathLike, *, threads: int | None = None, trust_modified: bool = False,
                  runtime: str = "auto", precision: str = "auto",
                  _loaded: ModelFiles | None = None, _sources: tuple[str, str] | None = None):
-        from .runtime import resolve
+        from .runtime import lanes, resolve
 
         self.directory = Path(directory)
         files = _loaded or load_model_files(self.directory, trust_modified=trust_modified)
@@ -79,8 +79,9 @@ class Model:
         graph_name, labels_name = _sources or (str(self.directory / MODEL_FILE), str(self.directory / LABELS_FILE))
         bf16 = (self.info.get("runtime") or {}).get("bf16") or {}
         self.engine = resolve(runtime, precision, bf16_ok=bool(bf16.get("ok")))
+        self.lanes, lane_threads = lanes(threads, self.engine)
         try:
-            self.session = make_session(files.onnx_bytes, threads=threads, engine=self.engine)
+            self.session = make_session(files.onnx_bytes, threads=lane_threads, engine=self.engine)
         except Exception as exc:  # onnxruntime and openvino raise their own untyped errors
             raise ModelDirError(f"{graph_name}: {self.engine.runtime} cannot load it ({exc})") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -245,19 +246,16 @@ class Model:
             raise DataError(f"predict: batch_size must be a whole number of at least 1, got {batch_size!r}")
         items = _input_items(images)
         results: list[Prediction] = []
-        batch: list[tuple[str, np.ndarray | None, object]] = []
-        # Decoding (and the chest check, which needs the full decoded image) runs in worker threads, one batch
-        # ahead of the network; only the network's small inputs are kept, so memory stays flat.
-        with ThreadPoolExecutor(min(4, default_threads())) as pool:
-            for _, future in in_order(pool, lambda item: self._prepare_item(item, ood), items, lookahead=batch_size):
-                batch.append(future.result())
-                if len(batch) == batch_size:
-                    results.extend(self._predict_prepared(batch, ood))
-                    if progress is not None:
-                        progress.advance(len(batch))
-                    batch = []
-            if batch:
-                results.extend(self._predict_prepared(batch, ood))
+        # Decoding (and the chest check, which needs the full decoded image) runs in worker threads ahead of the
+        # network, whose batches run side by side in lanes; only the network's small inputs are kept, so memory
+        # stays flat.
+        with ThreadPoolExecutor(min(4, default_threads())) as pool, ThreadPoolExecutor(self.lanes) as lanes_pool:
+            prepared = in_order(pool, lambda item: self._prepare_item(item, ood), items,
+                                lookahead=(self.lanes + 1) * batch_size)
+            batches = _batches((future.result() for _, future in prepared), batch_size)
+            for batch, preds in in_lanes(lanes_pool, lambda b: self._predict_prepared(b, ood), batches,
+                                         lanes=self.lanes):
+                results.extend(preds)
                 if progress is not None:
                     progress.advance(len(batch))
         return results
@@ -291,6 +289,17 @@ class Model:
     def predict_bytes(self, data: bytes, name: str = "upload", *, ood: bool = True) -> Prediction:
         arr, img = prepare(data, self.input_size, name)
         return self.predict_arrays([arr], [img], ood=ood, names=[name])[0]
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _chest_info() -> dict:

@@ -100,6 +100,18 @@ def _cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def lanes(threads: int | None, engine: Engine) -> tuple[int, int]:
+    """(lanes, threads per lane) for a long run of batches: with ``threads`` given, one lane of that many
+    threads; else on a CPU one single-threaded lane per core, each running its own batch (about 15% less CPU
+    per image than one batch on all cores, whose threads wait for each other at every layer and for the
+    decoding threads that share the cores), and on a GPU one lane."""
+    if threads:
+        return 1, int(threads)
+    if engine.runtime == "onnxruntime" and _cuda():
+        return 1, default_threads()
+    return default_threads(), 1
+
+
 def bf16_offered(backbone: str) -> bool:
     fp32, bf16 = BF16_AUC.get(backbone, (None, None))
     return fp32 is not None and fp32 - bf16 <= AUC_TOLERANCE
