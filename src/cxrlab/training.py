@@ -104,6 +104,7 @@ def train(
     workers: int | None = _DEFAULT.workers,
     batch_size: int = _DEFAULT.batch_size,
     ray: str | None = _DEFAULT.ray,
+    ray_device: str = _DEFAULT.ray_device,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory.
 
@@ -224,6 +225,9 @@ def train(
         Run the embedding and fine-tuning on a Ray cluster (needs ``pip install -e .[cluster]``): ``"auto"``
         (the ``RAY_ADDRESS`` cluster or the one started here with ``ray start --head``), ``"local"`` (start one
         for this run) or ``"HOST:PORT"``. The vectors, the recipe and the model directory are the same.
+    ray_device : str
+        With ``ray``, what the fine-tuning workers train on: ``"auto"`` (one GPU each, NCCL, when the cluster
+        has GPUs; else one core each, gloo), ``"cpu"`` or ``"gpu"``.
 
     Returns
     -------

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
     started = time.time()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    use_deterministic_algorithms(device)
     try:
         run = _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts, seed, device)
         history = [_warm_up_head(run, seed, progress)] if opts.warmup_head else []
@@ -68,6 +69,17 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
         return FineTuneResult(run.module.cpu(), W, b, history, best.epoch, round(time.time() - started, 1))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+
+
+def use_deterministic_algorithms(device=None) -> None:
+    """Torch's deterministic algorithms. Some CUDA kernels (e.g. average pooling's gradient) have none: on a GPU,
+    torch warns where it uses a non-deterministic one instead of stopping, so a GPU run is seeded but not
+    reproducible bit for bit; cuBLAS is asked for its deterministic workspace."""
+    torch = torch_module()
+    gpu = device is not None and torch.device(device).type == "cuda"
+    if gpu:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=gpu)
 
 
 def _with_overrides(options: FineTuneOptions | None, **overrides) -> FineTuneOptions:
@@ -272,16 +284,22 @@ def training_state(run: _Run, optimiser: "_Optimiser", best: "_Best", history: l
     torch = torch_module()
     live = (_cpu(run.module.state_dict()), _cpu(run.head.state_dict()))
     best_is_live = optimiser.ema is None and best.epoch == history[-1]["epoch"]
-    rng = {"gen": run.gen.get_state(), "torch": torch.get_rng_state()}
-    if run.device is not None and torch.device(run.device).type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {"epoch": history[-1]["epoch"], "history": copy.deepcopy(history), "weights": live,
             "optimiser": _cpu(optimiser.opt.state_dict()), "schedule": optimiser.sched.state_dict(),
             "ema": None if optimiser.ema is None else {"t": optimiser.ema.t, "shadow": _cpu(optimiser.ema.shadow)},
             "best": {"score": best.score, "loss": best.loss, "epoch": best.epoch,
                      "epochs_without_progress": best.epochs_without_progress,
                      "weights": None if best_is_live else _cpu(best.weights)},
-            "rng": rng}
+            "rng": rng_state(run)}
+
+
+def rng_state(run: _Run) -> dict:
+    """This process's random generators: the run's (shuffling, augmentation), torch's (dropout) and the GPU's."""
+    torch = torch_module()
+    rng = {"gen": run.gen.get_state(), "torch": torch.get_rng_state()}
+    if run.device is not None and torch.device(run.device).type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return rng
 
 
 def _restore(state: dict, run: _Run, optimiser: "_Optimiser", best: "_Best", history: list[dict]) -> int:

@@ -74,7 +74,7 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
 
         from .distributed import fine_tune_on_ray
 
-        train = partial(fine_tune_on_ray, workers=cluster.workers)
+        train = partial(fine_tune_on_ray, workers=cluster.workers, device=cluster.device)
     else:
         train = fine_tune
     res = train(spec, weights_path(bb.spec), X_tr, splits.y(splits.train)[ok_tr], X_va,
@@ -107,4 +107,6 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
         "preprocessing": {"intensity": options.intensity, "aspect": "squash (predict's resize)", "input_size": size,
                           "in_graph": True},
         "seed": seed, "deterministic": True}
+    if res.resumed_after:  # a Ray worker failed: the run went on from the last epoch's checkpoint
+        fit.fine_tune_info["resumed_after_epochs"] = res.resumed_after
     return fit
