@@ -152,21 +152,23 @@ def test_data_parallel_fine_tune_resumes_after_a_killed_worker_and_exports_a_mod
     root = make_dataset(tmp_path / "lungs", n_per_class=10, size=72)
     marker = tmp_path / "worker-killed"
     monkeypatch.setenv(KILL_ONCE_ENV, f"2:{marker}")
-    epochs, arrived = [], []
+    epochs, arrived, events = [], [], []
 
     def on_epoch(row):
         epochs.append(row)
         arrived.append(time.monotonic())
+        events.append(("epoch", row["epoch"]))
 
     options = FineTuneOptions(epochs=2, batch_size=8, input_size=64)
     result = cxrlab.train(root, output=tmp_path / "model", validation_percentage=25, testing_percentage=25,
                           report=False, fine_tune=True, on_epoch=on_epoch, ray="local", workers=2,
-                          fine_tune_options=options)
+                          fine_tune_options=options, on_step=lambda info: events.append(("step", info.step)))
     ft = json.loads((result.model_dir / "cxrlab.json").read_text())["fine_tune"]
     assert marker.exists() and ft["resumed_after_epochs"] == [1]  # a worker died, the run went on after epoch 1
     assert [r["epoch"] for r in ft["history"]] == [r["epoch"] for r in epochs] == [1, 2]  # each epoch once
     assert epochs[1]["resumed_after_epoch"] == 1 and "resumed_after_epoch" not in epochs[0]
     assert arrived[1] - arrived[0] > 1.0  # epoch 1 came as it ended, before the restart, not replayed at the end
+    assert events[:4] == [("epoch", 1), ("step", 1), ("epoch", 2), ("step", 2)]  # the Step lines with them
     assert ft["n_train"] == result.metrics["n"]["train"] and 0 <= epochs[0]["train_accuracy"] <= 1
 
     model = cxrlab.load_model(result.model_dir)

@@ -218,7 +218,7 @@ def add_train_options(p) -> None:
     add_precision_option(p, t.precision)
     add_flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N",
              help="decode threads, >= 1 (default: up to 4, one per core); with --ray: the Ray workers that embed "
-                  "and fine-tune (default: one per core of the cluster)")
+                  "and fine-tune (default: one per core of the cluster; fine-tuning on GPUs: one per GPU)")
     add_flag(p, "batch_size", type=v.positive_int, default=t.batch_size, metavar="N",
           help="images per ONNX Runtime batch while embedding, >= 1")
     add_fine_tune_options(p, "(slower, more accurate)")

@@ -218,7 +218,8 @@ def train(
         model on the test split (``runtime.bf16``), which decides whether predict runs it in bf16 by default.
     workers : int or None
         Decoding threads. None: up to 4, one per core. With ``ray``: the Ray workers that embed (one core
-        each) and that fine-tune (data-parallel); None: one per core of the cluster.
+        each) and that fine-tune (data-parallel); None: one per core of the cluster (one per GPU when
+        fine-tuning on GPUs, see ``ray_device``).
     batch_size : int
         Images per inference batch while embedding.
     ray : str or None
