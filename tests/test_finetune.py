@@ -29,6 +29,25 @@ def test_head_warm_up_and_cxr_augmentations_run(tmp_path):
     assert res.history[0]["stage"] == "head warm-up" and len(res.history) == 2 and res.head_W.shape == (2, 1280)
 
 
+def test_a_device_given_moves_the_training_there_and_the_cpu_result_is_unchanged():
+    """``device``: the network, the head and each batch go there (here the CPU, the one device a CI machine has;
+    the GPU path is the same code with a CUDA device); the result is the default run's bit for bit."""
+    import torch
+
+    from cxrlab.backbones import get_spec, weights_path
+    from cxrlab.finetune import fine_tune, state_sha256
+
+    rng = np.random.default_rng(1)
+    X, y = rng.integers(0, 255, (10, 64, 64), dtype=np.uint8), np.array([0, 1] * 5)
+    spec = get_spec("efficientnet-lite0")
+    opts = FineTuneOptions(epochs=1, batch_size=4, input_size=64, warmup_head=True, ema=0.9)
+    runs = [fine_tune(spec, weights_path(spec), X[:6], y[:6], X[6:], y[6:], options=opts, seed=2, device=device)
+            for device in (None, torch.device("cpu"))]
+    assert state_sha256(runs[0].module) == state_sha256(runs[1].module)
+    assert np.array_equal(runs[0].head_W, runs[1].head_W) and runs[0].history == runs[1].history
+    assert all(p.device.type == "cpu" for p in runs[1].module.parameters())
+
+
 @pytest.mark.parametrize("extra", [{}, {"ema": 0.9, "dropout": 0.2, "warmup_head": True}])
 def test_training_resumed_from_an_epoch_state_ends_as_one_never_stopped(extra, tmp_path):
     """The state each epoch hands to ``checkpoint`` (what a Ray worker saves), saved to disk and read back into a
