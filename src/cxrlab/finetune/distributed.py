@@ -81,13 +81,10 @@ def fine_tune_on_ray(spec, weights_path, X_train, y_train, X_val, y_val, *, work
                      device: str = "auto") -> FineTuneResult:
     """``finetune.fine_tune`` on Ray Train workers (``plan_workers``: ``workers`` and ``device``); the same
     arguments, the same result. ``on_epoch`` is called here as each epoch ends on the workers."""
-    from ray import train as ray_train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from ..cluster import ray_module
     from .ray_epochs import EpochFeed
 
-    ray = ray_module()
+    ray, torch = ray_module(), torch_module()
     opts = _with_overrides(options, epochs=epochs, batch_size=batch_size, lr=lr, augment=augment)
     y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
     _check_trainable(spec, y_train)
@@ -97,27 +94,19 @@ def fine_tune_on_ray(spec, weights_path, X_train, y_train, X_val, y_val, *, work
     given = os.environ.get("CXRLAB_RAY_STORAGE")
     storage = Path(given or tempfile.mkdtemp(prefix="ray-train-", dir=_scratch()))
     name = f"cxrlab-finetune-{uuid.uuid4().hex[:12]}"
-    with EpochFeed(on_epoch) as feed:
-        config = {"spec": spec, "weights_path": str(weights_path), "options": opts, "seed": seed,
-                  "use_gpu": plan.use_gpu, "epoch_log": feed.log, "kill_once": _kill_once(),
-                  "data": ray.put((np.asarray(X_train), y_train, np.asarray(X_val), y_val))}
-        trainer = TorchTrainer(
-            _train_worker, train_loop_config=config,
-            scaling_config=ray_train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                                   resources_per_worker=plan.resources_per_worker),
-            torch_config=TorchConfig(backend=plan.backend),
-            run_config=ray_train.RunConfig(
-                name=name, storage_path=str(storage), callbacks=[feed.callback()],
-                checkpoint_config=ray_train.CheckpointConfig(num_to_keep=1),  # each holds all a resume needs
-                failure_config=ray_train.FailureConfig(max_failures=MAX_FAILURES)))
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise CxrlabError(f"fine-tuning on Ray ended without a model ({result.error or 'no checkpoint'})")
-    torch = torch_module()
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    shutil.rmtree(storage / name if given else storage, ignore_errors=True)  # this run's checkpoints, read
-    weights = state["best"]["weights"] or state["weights"]
+    try:
+        with EpochFeed(on_epoch) as feed:
+            config = {"spec": spec, "weights_path": str(weights_path), "options": opts, "seed": seed,
+                      "use_gpu": plan.use_gpu, "epoch_log": feed.log, "kill_once": _kill_once(),
+                      "data": ray.put((np.asarray(X_train), y_train, np.asarray(X_val), y_val))}
+            result = _fit(plan, storage, name, feed, config)
+        if result.checkpoint is None:
+            raise CxrlabError(f"fine-tuning on Ray ended without a model ({result.error or 'no checkpoint'})")
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    finally:
+        shutil.rmtree(storage / name if given else storage, ignore_errors=True)  # this run's checkpoints
+    weights = state["weights"] if state["best"]["weights"] is None else state["best"]["weights"]
     unwrap = torch.nn.modules.utils.consume_prefix_in_state_dict_if_present
     for part in weights:
         unwrap(part, "module.")  # DistributedDataParallel's prefix
@@ -129,6 +118,24 @@ def fine_tune_on_ray(spec, weights_path, X_train, y_train, X_val, y_val, *, work
     head_W, head_b = (weights[1][k].numpy().astype(np.float32).copy() for k in ("weight", "bias"))
     return FineTuneResult(module, head_W, head_b, state["history"], state["best"]["epoch"],
                           round(time.time() - started, 1), feed.resumed_after)
+
+
+def _fit(plan: WorkerPlan, storage: Path, name: str, feed, config: dict):
+    """Ray Train's run of ``_train_worker`` on ``plan``'s workers: a checkpoint per epoch (the last one kept),
+    the epochs to ``feed``, the workers restarted from the last checkpoint after a failure."""
+    from ray import train as ray_train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_worker, train_loop_config=config,
+        scaling_config=ray_train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker=plan.resources_per_worker),
+        torch_config=TorchConfig(backend=plan.backend),
+        run_config=ray_train.RunConfig(
+            name=name, storage_path=str(storage), callbacks=[feed.callback()],
+            checkpoint_config=ray_train.CheckpointConfig(num_to_keep=1),  # each holds all a resume needs
+            failure_config=ray_train.FailureConfig(max_failures=MAX_FAILURES)))
+    return trainer.fit()
 
 
 def _kill_once() -> tuple[int, str] | None:

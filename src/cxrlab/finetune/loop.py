@@ -281,7 +281,6 @@ def training_state(run: _Run, optimiser: "_Optimiser", best: "_Best", history: l
     """Everything the next epoch depends on, on the CPU: the weights, the optimiser and its schedule, the weight
     average, the best epoch so far (its weights unless they are the live ones), the history and the random
     generators' states."""
-    torch = torch_module()
     live = (_cpu(run.module.state_dict()), _cpu(run.head.state_dict()))
     best_is_live = optimiser.ema is None and best.epoch == history[-1]["epoch"]
     return {"epoch": history[-1]["epoch"], "history": copy.deepcopy(history), "weights": live,
