@@ -1,6 +1,8 @@
 """--ray: embedding, prediction and data-parallel fine-tuning on a local Ray cluster of 2 CPUs give what one
-process gives (the same vectors bit for bit, the same cache rows, a model that loads and predicts), and a worker
-killed mid-embedding is replaced by Ray and the run ends with the same output."""
+process gives (the same vectors bit for bit, the same cache rows, a model that loads and predicts); a worker
+killed mid-embedding is replaced by Ray and the run ends with the same output; a training worker killed at the
+start of epoch 2 is replaced, the training resumes from epoch 1's checkpoint and ends with the weights of a run
+never stopped, its epochs reported as they end. The choice of GPU or CPU workers is tested from resources."""
 
 import json
 import os
