@@ -21,7 +21,7 @@ SHARED = {  # option -> a value, for the options several commands share
     "--backbone": "inception-v3", "--precision": "fp32", "--seed": "7", "--output": "out", "--epochs": "3",
     "--ft": "lr=1e-4", "--trust-modified-model": None, "--fine-tune": None, "--no-ood": None, "--quiet": None,
     "--top-k": "2", "--image-dir": "lungs", "--how-many-training-steps": "50", "--testing-percentage": "20",
-    "--audit": "a.db",
+    "--audit": "a.db", "--ray-device": "cpu",
 }
 
 
@@ -171,6 +171,7 @@ def test_defaults_are_the_library_constants():
                   "random_brightness", "precision", "workers", "batch_size", "seed"):
         assert getattr(train, field) == getattr(t, field), field
     assert train.epochs == ft.epochs
+    assert train.ray_device == t.ray_device == inspect.signature(cross_validate).parameters["ray_device"].default
     assert t.backbone == DEFAULT_BACKBONE
     cv = build_parser().parse_args(["cv", "lungs"])
     signature = inspect.signature(cross_validate).parameters

@@ -1,6 +1,8 @@
 """--ray: embedding, prediction and data-parallel fine-tuning on a local Ray cluster of 2 CPUs give what one
-process gives (the same vectors bit for bit, the same cache rows, a model that loads and predicts), and a worker
-killed mid-embedding is replaced by Ray and the run ends with the same output."""
+process gives (the same vectors bit for bit, the same cache rows, a model that loads and predicts); a worker
+killed mid-embedding is replaced by Ray and the run ends with the same output; a training worker killed at the
+start of epoch 2 is replaced, the training resumes from epoch 1's checkpoint and ends with the weights of a run
+never stopped, its epochs reported as they end. The choice of GPU or CPU workers is tested from resources."""
 
 import json
 import os
@@ -8,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,18 +116,61 @@ def test_a_worker_killed_mid_embedding_is_replaced_and_the_output_is_the_same(cl
     assert all(np.array_equal(reopened.lookup(d), v) for d, v in zip(local.digests, local.vectors))
 
 
+def test_workers_are_planned_from_the_cluster_resources():
+    """GPU workers (NCCL, one GPU and one core each) when the cluster has GPUs and CPU is not asked for; CPU
+    workers (gloo) otherwise; never more than the cluster can place or the batch can feed."""
+    from cxrlab.finetune.distributed import WorkerPlan, plan_workers
+
+    recipe = dict(workers=None, batch_size=16, freeze_bn=False)
+    gpu, cpu = WorkerPlan(4, True, "nccl", {"CPU": 1, "GPU": 1}), WorkerPlan(2, False, "gloo", {"CPU": 1})
+    assert plan_workers({"CPU": 2.0}, **recipe) == cpu and plan_workers({"CPU": 2.0}, **recipe, device="cpu") == cpu
+    assert plan_workers({"CPU": 32.0, "GPU": 4.0}, **recipe) == gpu == plan_workers(
+        {"CPU": 32.0, "GPU": 4.0}, **recipe, device="gpu")
+    assert plan_workers({"CPU": 32.0, "GPU": 4.0}, **recipe, device="cpu") == WorkerPlan(8, False, "gloo", {"CPU": 1})
+    assert plan_workers({"CPU": 1.0, "GPU": 2.0}, **recipe).workers == 1  # each GPU worker needs a core too
+    assert plan_workers({"CPU": 16.0}, workers=16, batch_size=16, freeze_bn=True).workers == 16
+    with pytest.raises(CxrlabError, match="no GPU"):
+        plan_workers({"CPU": 8.0}, **recipe, device="gpu")
+    with pytest.raises(CxrlabError, match="--workers 5: the Ray cluster has 4 GPU"):
+        plan_workers({"CPU": 32.0, "GPU": 4.0}, workers=5, batch_size=16, freeze_bn=False)
+    with pytest.raises(CxrlabError, match="BatchNorm needs 2"):
+        plan_workers({"CPU": 16.0}, workers=16, batch_size=16, freeze_bn=False)
+    with pytest.raises(CxrlabError, match="--ray-device tpu"):
+        plan_workers({"CPU": 2.0}, **recipe, device="tpu")
+
+
 @pytest.mark.slow
-def test_data_parallel_fine_tune_exports_a_model_that_loads_and_predicts(cluster, tmp_path):
+def test_data_parallel_fine_tune_resumes_after_a_killed_worker_and_exports_a_model_that_predicts(
+        cluster, tmp_path, monkeypatch):
+    """2 workers, 2 epochs; the last worker kills itself (SIGKILL) at the start of epoch 2. Ray Train restarts
+    the workers from epoch 1's checkpoint: each epoch reaches on_epoch once, as it ends, and the model is the
+    one a run never stopped gives."""
     import cxrlab
-    from cxrlab.finetune import FineTuneOptions
+    from cxrlab.backbones import get_spec, weights_path
+    from cxrlab.finetune import FineTuneOptions, load_arrays, state_sha256
+    from cxrlab.finetune.distributed import KILL_ONCE_ENV, fine_tune_on_ray
+    from cxrlab.split import Manifest
 
     root = make_dataset(tmp_path / "lungs", n_per_class=10, size=72)
-    epochs = []
+    marker = tmp_path / "worker-killed"
+    monkeypatch.setenv(KILL_ONCE_ENV, f"2:{marker}")
+    epochs, arrived, events = [], [], []
+
+    def on_epoch(row):
+        epochs.append(row)
+        arrived.append(time.monotonic())
+        events.append(("epoch", row["epoch"]))
+
+    options = FineTuneOptions(epochs=2, batch_size=8, input_size=64)
     result = cxrlab.train(root, output=tmp_path / "model", validation_percentage=25, testing_percentage=25,
-                          report=False, fine_tune=True, on_epoch=epochs.append, ray="local", workers=2,
-                          fine_tune_options=FineTuneOptions(epochs=1, batch_size=8, input_size=64))
+                          report=False, fine_tune=True, on_epoch=on_epoch, ray="local", workers=2,
+                          fine_tune_options=options, on_step=lambda info: events.append(("step", info.step)))
     ft = json.loads((result.model_dir / "cxrlab.json").read_text())["fine_tune"]
-    assert [r["epoch"] for r in ft["history"]] == [1] and len(epochs) == 1 and np.isfinite(epochs[0]["loss"])
+    assert marker.exists() and ft["resumed_after_epochs"] == [1]  # a worker died, the run went on after epoch 1
+    assert [r["epoch"] for r in ft["history"]] == [r["epoch"] for r in epochs] == [1, 2]  # each epoch once
+    assert epochs[1]["resumed_after_epoch"] == 1 and "resumed_after_epoch" not in epochs[0]
+    assert arrived[1] - arrived[0] > 1.0  # epoch 1 came as it ended, before the restart, not replayed at the end
+    assert events[:4] == [("epoch", 1), ("step", 1), ("epoch", 2), ("step", 2)]  # the Step lines with them
     assert ft["n_train"] == result.metrics["n"]["train"] and 0 <= epochs[0]["train_accuracy"] <= 1
 
     model = cxrlab.load_model(result.model_dir)
@@ -134,6 +180,20 @@ def test_data_parallel_fine_tune_exports_a_model_that_loads_and_predicts(cluster
     on_ray = cluster.predict_files(model, files)  # prediction on the cluster: the same answers
     assert [p.to_dict() for p in on_ray[:-1]] == [p.to_dict() for p in local]
     assert on_ray[-1].error and on_ray[-1].path.endswith("missing.png")
+
+    # The same split's images, trained on 2 workers without a failure: the same weights bit for bit.
+    monkeypatch.delenv(KILL_ONCE_ENV)
+    manifest, index = Manifest.read(result.run_dir / "split.csv"), {lab: i for i, lab in enumerate(result.labels)}
+    (X_tr, _), (X_va, _) = (load_arrays([root / e.relpath for e in manifest.subset(s)], 64) for s in
+                            ("train", "validation"))
+    y_tr, y_va = ([index[e.label] for e in manifest.subset(s)] for s in ("train", "validation"))
+    spec = get_spec(ft["base_backbone"])
+    whole = fine_tune_on_ray(replace(spec, input_size=64), weights_path(spec), X_tr, y_tr, X_va, y_va, seed=0,
+                             options=options, workers=2)
+    assert whole.resumed_after == [] and json.dumps(whole.history, sort_keys=True) == json.dumps(ft["history"],
+                                                                                             sort_keys=True)
+    assert state_sha256(whole.module, {"options": ft["options"], "base": ft["base_weights_sha256"]}) == \
+        ft["weights_sha256"]
 
 
 def test_train_predict_evaluate_and_cv_with_ray_give_the_local_results(cluster, tiny_backbone, tmp_path, capsys):

@@ -29,6 +29,64 @@ def test_head_warm_up_and_cxr_augmentations_run(tmp_path):
     assert res.history[0]["stage"] == "head warm-up" and len(res.history) == 2 and res.head_W.shape == (2, 1280)
 
 
+def test_a_device_given_moves_the_training_there_and_the_cpu_result_is_unchanged():
+    """``device``: the network, the head and each batch go there (here the CPU, the one device a CI machine has;
+    the GPU path is the same code with a CUDA device); the result is the default run's bit for bit."""
+    import torch
+
+    from cxrlab.backbones import get_spec, weights_path
+    from cxrlab.finetune import fine_tune, state_sha256
+
+    rng = np.random.default_rng(1)
+    X, y = rng.integers(0, 255, (10, 64, 64), dtype=np.uint8), np.array([0, 1] * 5)
+    spec = get_spec("efficientnet-lite0")
+    opts = FineTuneOptions(epochs=1, batch_size=4, input_size=64, warmup_head=True, ema=0.9)
+    runs = [fine_tune(spec, weights_path(spec), X[:6], y[:6], X[6:], y[6:], options=opts, seed=2, device=device)
+            for device in (None, torch.device("cpu"))]
+    assert state_sha256(runs[0].module) == state_sha256(runs[1].module)
+    assert np.array_equal(runs[0].head_W, runs[1].head_W) and runs[0].history == runs[1].history
+    assert all(p.device.type == "cpu" for p in runs[1].module.parameters())
+
+
+@pytest.mark.parametrize("extra", [{}, {"ema": 0.9, "dropout": 0.2, "warmup_head": True}])
+def test_training_resumed_from_an_epoch_state_ends_as_one_never_stopped(extra, tmp_path):
+    """The state each epoch hands to ``checkpoint`` (what a Ray worker saves), saved to disk and read back into a
+    fresh run, continues to the same weights, best epoch and history as the run that never stopped."""
+    import torch
+
+    from cxrlab.backbones import get_spec, weights_path
+    from cxrlab.finetune.loop import _setup, _train_epochs, _warm_up_head, state_sha256
+    from cxrlab.progress import Silent
+
+    rng = np.random.default_rng(0)
+    X, y = rng.integers(0, 255, (12, 64, 64), dtype=np.uint8), np.array([0, 1] * 6)
+    spec = get_spec("efficientnet-lite0")
+    opts = FineTuneOptions(epochs=3, batch_size=4, input_size=64, **extra)
+
+    def run_from(state=None):
+        torch.manual_seed(5)
+        run = _setup(spec, weights_path(spec), X[:8], y[:8], X[8:], y[8:], opts, 5)
+        history = [_warm_up_head(run, 5, Silent())] if opts.warmup_head and state is None else []
+        saved = {}
+
+        def checkpoint(row, state_of):
+            if row["epoch"] == 1:
+                torch.save(state_of(), tmp_path / "epoch1.pt")
+                saved["at"] = row["epoch"]
+
+        best = _train_epochs(run, history, None, Silent(), resume=state, checkpoint=checkpoint)
+        trained = [r["epoch"] for r in history if "loss" in r]
+        run.load(best.weights)
+        return state_sha256(run.module), state_sha256(run.head), best.epoch, history, saved, trained
+
+    with torch.random.fork_rng():
+        whole = run_from()
+        state = torch.load(tmp_path / "epoch1.pt", weights_only=False)
+        resumed = run_from(state)
+    assert whole[4] == {"at": 1} and state["epoch"] == 1 and resumed[4] == {}  # epoch 1 was not trained again
+    assert resumed[:4] == whole[:4] and resumed[5] == whole[5] == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     from conftest import make_dataset

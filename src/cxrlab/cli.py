@@ -19,7 +19,7 @@ from .errors import CxrlabError
 from .finetune.options import FineTuneOptions
 from .progress import TqdmProgress
 from .runtime import EXECUTION_PRECISIONS, RUNTIMES, TRAIN_PRECISIONS as PRECISIONS
-from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS, TrainOptions
+from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS, RAY_DEVICES, TrainOptions
 
 EPILOG = {
     "train": "example: cxrlab train lungs/ --output models/tb",
@@ -151,14 +151,19 @@ def add_no_ood_option(p, help_: str = "score every image: no chest X-ray check, 
     add_flag(p, "no_ood", action="store_true", help=help_)
 
 
-def add_ray_option(p, workers: bool = True) -> None:
-    """--ray [ADDRESS] (and --workers N): run on a Ray cluster; Ray itself is imported only then."""
+def add_ray_option(p, workers: bool = True, fine_tunes: bool = False) -> None:
+    """--ray [ADDRESS] (and --workers N; --ray-device where the command fine-tunes): run on a Ray cluster; Ray
+    itself is imported only then."""
     add_flag(p, "ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
              help="run on a Ray cluster (pip install -e .[cluster]): auto (the default: RAY_ADDRESS, or the cluster "
                   "`ray start --head` started here), local (start one for this run) or HOST:PORT (default: none, run here)")
     if workers:
         add_flag(p, "workers", type=v.positive_int, default=None, metavar="N",
                  help="with --ray: Ray workers, >= 1 and at most one per core of the cluster (default: one per core)")
+    if fine_tunes:
+        add_flag(p, "ray_device", choices=RAY_DEVICES, default="auto",
+                 help="with --ray: what the fine-tuning workers train on: auto (one GPU each, NCCL, when the cluster "
+                      "has GPUs, else one core each, gloo), cpu (force CPU workers) or gpu")
 
 
 def add_quiet_option(p) -> None:
@@ -213,13 +218,13 @@ def add_train_options(p) -> None:
     add_precision_option(p, t.precision)
     add_flag(p, "workers", type=v.positive_int, default=t.workers, metavar="N",
              help="decode threads, >= 1 (default: up to 4, one per core); with --ray: the Ray workers that embed "
-                  "and fine-tune (default: one per core of the cluster)")
+                  "and fine-tune (default: one per core of the cluster; fine-tuning on GPUs: one per GPU)")
     add_flag(p, "batch_size", type=v.positive_int, default=t.batch_size, metavar="N",
           help="images per ONNX Runtime batch while embedding, >= 1")
     add_fine_tune_options(p, "(slower, more accurate)")
     add_seed_option(p, t.seed)
     add_quiet_option(p)
-    add_ray_option(p, workers=False)
+    add_ray_option(p, workers=False, fine_tunes=True)
 
 
 def ft_option(text: str) -> tuple[str, str]:
@@ -276,7 +281,8 @@ def train_kwargs(a) -> dict:
                 random_brightness=a.random_brightness, ood=not a.no_ood,
                 shift_reference=not a.no_shift_reference, report=not a.no_report, seed=a.seed,
                 summaries_dir=a.summaries_dir, precision=a.precision, runtime=a.runtime, workers=a.workers,
-                batch_size=a.batch_size, ray=getattr(a, "ray", None), **_fine_tune_args(a))
+                batch_size=a.batch_size, ray=getattr(a, "ray", None),
+                ray_device=getattr(a, "ray_device", "auto"), **_fine_tune_args(a))
 
 
 def _fine_tune_args(a) -> dict:
@@ -292,8 +298,10 @@ def _fine_tune_args(a) -> dict:
     def on_epoch(row):
         if not getattr(a, "quiet", False):
             auc = f", validation AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else ""
-            print(f"Epoch {row['epoch']}: loss {row['loss']:.4f}{auc}{' (best so far)' if row.get('best') else ''}",
-                  flush=True)
+            resumed = (f" (a Ray worker failed: resumed from the epoch {row['resumed_after_epoch']} checkpoint)"
+                       if row.get("resumed_after_epoch") else "")
+            print(f"Epoch {row['epoch']}: loss {row['loss']:.4f}{auc}{' (best so far)' if row.get('best') else ''}"
+                  f"{resumed}", flush=True)
 
     return {"fine_tune": a.fine_tune, "epochs": a.epochs, "fine_tune_options": options, "on_epoch": on_epoch}
 
@@ -545,7 +553,8 @@ def run_cv(a) -> int:
     r = cross_validate(a.image_dir if len(a.image_dir) > 1 else a.image_dir[0], by_site=a.by_site, folds=a.folds, backbone=a.backbone, label_from_name=a.label_from_name,
                        group_regex=a.group_regex, positive_label=a.positive_label, seed=a.seed, progress=TqdmProgress(),
                        precision=a.precision, runtime=a.runtime, fine_tune=ft["fine_tune"],
-                       fine_tune_options=ft.get("fine_tune_options"), ray=a.ray, workers=a.workers)
+                       fine_tune_options=ft.get("fine_tune_options"), ray=a.ray, workers=a.workers,
+                       ray_device=a.ray_device)
     from .metrics import percent
 
     print("Each fold at its own operating point (chosen on its validation split, as train ships it):")
@@ -870,7 +879,7 @@ def add_cv_options(p) -> None:
     add_fine_tune_options(p, "per fold, as `cxrlab train --fine-tune` does (slow)")
     add_seed_option(p, d["seed"])
     add_output_option(p, "metrics.json", default_help=_PRINT_ONLY)
-    add_ray_option(p)
+    add_ray_option(p, fine_tunes=True)
 
 
 def add_version_option(p) -> None:

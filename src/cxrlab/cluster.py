@@ -31,6 +31,7 @@ from .embed import EmbedResult, SkippedFile, make_session, prepare, read_file
 from .errors import CxrlabError, ImageError
 from .progress import Progress, resolve
 from .runtime import REFERENCE, Engine
+from .train_options import RAY_DEVICES as DEVICES  # what fine-tuning workers train on (distributed.plan_workers)
 
 LOCAL, AUTO = "local", "auto"
 INSTALL_HINT = "pip install -e .[cluster]"
@@ -115,12 +116,16 @@ class _EmbedActor:
 
 @dataclass
 class Cluster:
-    """A connected Ray cluster and how many workers (actors, training processes) to use; None: one per core."""
+    """A connected Ray cluster and how many workers (actors, training processes) to use; None: one per core.
+    ``device``: what fine-tuning workers train on: ``auto`` (GPUs when the cluster has them), ``cpu`` or ``gpu``."""
 
     address: str = AUTO
     workers: int | None = None
+    device: str = "auto"
 
     def __post_init__(self):
+        if self.device not in DEVICES:
+            raise CxrlabError(f"--ray-device {self.device}: use one of {', '.join(DEVICES)}")
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 1):
             raise CxrlabError(f"--workers must be a whole number of at least 1, got {self.workers!r}")

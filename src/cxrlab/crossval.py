@@ -31,7 +31,7 @@ def cross_validate(image_dir, *, folds: int = DEFAULT_FOLDS, backbone: str = DEF
                    positive_label: str = CV_POSITIVE_LABEL, operating_point: str = "who", bottleneck_dir=None,
                    seed: int = 0, progress: Progress | None = None, precision: str = "auto", fine_tune: bool | None = None,
                    fine_tune_options=None, by_site: bool = False, runtime: str = "auto", ray: str | None = None,
-                   workers: int | None = None) -> dict:
+                   workers: int | None = None, ray_device: str = "auto") -> dict:
     """Per-fold and mean ± sd AUC / accuracy / sensitivity / specificity of the model ``train`` would ship.
 
     ``image_dir``: a folder, or a list of folders (one per site; folds are then stratified by site and class).
@@ -39,7 +39,8 @@ def cross_validate(image_dir, *, folds: int = DEFAULT_FOLDS, backbone: str = DEF
     ``by_site``: leave-one-site-out instead of k folds: each site in turn is the test fold, the model trained
     on the others; its figures estimate how the recipe does at a hospital it has never seen.
     ``precision`` / ``runtime``: as ``train``'s (the engine that embeds and so measures every fold).
-    ``ray``: embed (and fine-tune) on that Ray cluster (``auto``, ``local`` or ``HOST:PORT``) with ``workers``."""
+    ``ray``: embed (and fine-tune) on that Ray cluster (``auto``, ``local`` or ``HOST:PORT``) with ``workers``,
+    fine-tuning on ``ray_device`` (``auto``: GPU workers when the cluster has GPUs, ``cpu``, ``gpu``)."""
     cv_arguments(**locals())  # before any image is read
     fine_tune, recipe_note = TrainOptions(backbone=backbone, precision=precision, fine_tune=fine_tune).recipe()
     ds = discover_sites(image_dir if isinstance(image_dir, (list, tuple)) else [image_dir],
@@ -51,7 +52,8 @@ def cross_validate(image_dir, *, folds: int = DEFAULT_FOLDS, backbone: str = DEF
     options = TrainOptions(backbone=backbone, bottleneck_dir=bottleneck_dir, label_from_name=label_from_name,
                            group_regex=group_regex, positive_label=positive_label, operating_point=operating_point,
                            seed=seed, progress=progress, precision=precision, fine_tune=fine_tune,
-                           fine_tune_options=fine_tune_options, runtime=runtime, ray=ray, workers=workers)
+                           fine_tune_options=fine_tune_options, runtime=runtime, ray=ray, workers=workers,
+                           ray_device=ray_device)
     options.cluster()  # --ray: joined (or refused in one line) before any image is read
     frozen = embed_images(root, ds.samples, options, calibration_rows=ds.samples)
     samples = [s for s in ds.samples if s.relpath in frozen.vectors]

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Callable
 from .backbones import DEFAULT_BACKBONE, can_fine_tune
 from .progress import Progress
 
+RAY_DEVICES = ("auto", "cpu", "gpu")  # what fine-tuning workers on a Ray cluster train on (--ray-device)
+
 if TYPE_CHECKING:
     from .finetune import FineTuneOptions
     from .head import StepInfo
@@ -66,6 +68,7 @@ class TrainOptions:
     workers: int | None = None  # decoding threads; with ``ray``, the Ray workers
     batch_size: int = 32
     ray: str | None = None  # a Ray cluster's address (``auto``, ``local``, ``HOST:PORT``) to run on; None: here
+    ray_device: str = "auto"  # with ``ray``: fine-tune on GPU workers when the cluster has GPUs (auto), cpu or gpu
 
     def recipe(self) -> tuple[bool, str | None]:
         """(fine-tune?, a note when the default could not be followed). The default recipe fine-tunes the network
@@ -85,7 +88,7 @@ class TrainOptions:
             return None
         from .cluster import Cluster
 
-        return Cluster(self.ray, self.workers)
+        return Cluster(self.ray, self.workers, self.ray_device)
 
     def head(self):
         """The linear head's options (head.HeadOptions)."""

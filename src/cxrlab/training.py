@@ -105,6 +105,7 @@ def train(
     workers: int | None = _DEFAULT.workers,
     batch_size: int = _DEFAULT.batch_size,
     ray: str | None = _DEFAULT.ray,
+    ray_device: str = _DEFAULT.ray_device,
 ) -> TrainResult:
     """Train a classifier on the images under ``image_dir`` and save a model directory.
 
@@ -218,13 +219,17 @@ def train(
         model on the test split (``runtime.bf16``), which decides whether predict runs it in bf16 by default.
     workers : int or None
         Decoding threads. None: up to 4, one per core. With ``ray``: the Ray workers that embed (one core
-        each) and that fine-tune (data-parallel); None: one per core of the cluster.
+        each) and that fine-tune (data-parallel); None: one per core of the cluster (one per GPU when
+        fine-tuning on GPUs, see ``ray_device``).
     batch_size : int
         Images per inference batch while embedding.
     ray : str or None
         Run the embedding and fine-tuning on a Ray cluster (needs ``pip install -e .[cluster]``): ``"auto"``
         (the ``RAY_ADDRESS`` cluster or the one started here with ``ray start --head``), ``"local"`` (start one
         for this run) or ``"HOST:PORT"``. The vectors, the recipe and the model directory are the same.
+    ray_device : str
+        With ``ray``, what the fine-tuning workers train on: ``"auto"`` (one GPU each, NCCL, when the cluster
+        has GPUs; else one core each, gloo), ``"cpu"`` or ``"gpu"``.
 
     Returns
     -------

@@ -17,6 +17,7 @@ from pathlib import Path
 from .checks import option_message, check_choice, check_float, check_int
 from .errors import DataError
 from .runtime import RUNTIMES, TRAIN_PRECISIONS as PRECISIONS
+from .train_options import RAY_DEVICES
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn accept seeds in [0, 2**32)
 MIN_FREE_BYTES = 1  # an output on a device with no free byte at all fails up front
@@ -219,7 +220,7 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
                     train_batch_size, eval_step_interval, validation_batch_size, test_batch_size, positive_label,
                     operating_point, calibration, random_crop, random_scale, random_brightness, distortion_copies,
                     seed, fine_tune, epochs, fine_tune_options, summaries_dir, precision, workers, batch_size,
-                    runtime="auto", **_callbacks_and_flags) -> None:
+                    runtime="auto", ray_device="auto", **_callbacks_and_flags) -> None:
     """Every argument of :func:`cxrlab.training.train` that can be wrong, checked before any work."""
     from .calibrate import parse_operating_point
 
@@ -245,6 +246,7 @@ def train_arguments(*, image_dir, output, backbone, bottleneck_dir, label_from_n
     check_int("--batch-size", batch_size, 1)
     if workers is not None:
         check_int("--workers", workers, 1)
+    check_choice("--ray-device", ray_device, RAY_DEVICES)
     parse_operating_point(operating_point)
     if positive_label is not None and (not isinstance(positive_label, str) or not positive_label):
         raise DataError(f"--positive-label must be a class name, got {positive_label!r}")

@@ -7,8 +7,9 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ class FineTuneResult:
     history: list[dict]
     best_epoch: int
     seconds: float = 0.0
+    resumed_after: list[int] = field(default_factory=list)  # epochs a restarted training resumed after (Ray)
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -39,11 +41,14 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
 def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int | None = None,
               batch_size: int | None = None, lr: float | None = None, seed: int = 0,
               augment: AugmentConfig | None = None, options: FineTuneOptions | None = None,
-              on_epoch: Callable[[dict], None] | None = None, progress: Progress | None = None) -> FineTuneResult:
+              on_epoch: Callable[[dict], None] | None = None, progress: Progress | None = None,
+              device=None) -> FineTuneResult:
     """Fine-tune ``spec``'s network end to end on in-memory images; returns the best epoch's module and head.
 
     ``X_*``: (N, H, W) uint8 (or float in [0, 1]) gray images, square, at or a bit above the input size.
-    ``epochs``, ``batch_size``, ``lr`` and ``augment`` override the fields of ``options``.
+    ``epochs``, ``batch_size``, ``lr`` and ``augment`` override the fields of ``options``. ``device``: a torch
+    device to train on (None: the CPU); the images stay on the CPU, where the seeded augmentation draws them, and
+    each batch moves to the device. The returned module is on the CPU.
     """
     torch = torch_module()
     opts = _with_overrides(options, epochs=epochs, batch_size=batch_size, lr=lr, augment=augment)
@@ -53,17 +58,28 @@ def fine_tune(spec, weights_path, X_train, y_train, X_val, y_val, *, epochs: int
     started = time.time()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    use_deterministic_algorithms(device)
     try:
-        run = _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts, seed)
+        run = _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts, seed, device)
         history = [_warm_up_head(run, seed, progress)] if opts.warmup_head else []
         best = _train_epochs(run, history, on_epoch, progress)
         run.load(best.weights)
         run.set_mode(train=False)
-        W, b = (p.detach().numpy().astype(np.float32).copy() for p in (run.head.weight, run.head.bias))
-        return FineTuneResult(run.module, W, b, history, best.epoch, round(time.time() - started, 1))
+        W, b = (p.detach().cpu().numpy().astype(np.float32).copy() for p in (run.head.weight, run.head.bias))
+        return FineTuneResult(run.module.cpu(), W, b, history, best.epoch, round(time.time() - started, 1))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+
+
+def use_deterministic_algorithms(device=None) -> None:
+    """Torch's deterministic algorithms. Some CUDA kernels (e.g. average pooling's gradient) have none: on a GPU,
+    torch warns where it uses a non-deterministic one instead of stopping, so a GPU run is seeded but not
+    reproducible bit for bit; cuBLAS is asked for its deterministic workspace."""
+    torch = torch_module()
+    gpu = device is not None and torch.device(device).type == "cuda"
+    if gpu:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=gpu)
 
 
 def _with_overrides(options: FineTuneOptions | None, **overrides) -> FineTuneOptions:
@@ -96,7 +112,8 @@ class _Run:
     y_train: np.ndarray
     y_val: np.ndarray
     k: int  # number of classes
-    gen: object  # torch.Generator: the shuffling and augmentation randomness
+    gen: object  # torch.Generator (on the CPU): the shuffling and augmentation randomness
+    device: object = None  # torch.device of the module, the head and each batch; None: the CPU
 
     def set_mode(self, *, train: bool) -> None:
         bn = torch_module().nn.modules.batchnorm._BatchNorm
@@ -117,8 +134,11 @@ class _Run:
         out = []
         with torch.no_grad():
             for i in range(0, len(X), bs):
-                out.append(self.module(channels_last(resize_to(X[i : i + bs], self.size)))[0])
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+                out.append(self.module(self.to_device(channels_last(resize_to(X[i : i + bs], self.size))))[0])
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+
+    def to_device(self, t):
+        return t if self.device is None else t.to(self.device)
 
     def snapshot(self) -> tuple[dict, dict]:
         return copy.deepcopy(self.module.state_dict()), copy.deepcopy(self.head.state_dict())
@@ -128,9 +148,11 @@ class _Run:
         self.head.load_state_dict(weights[1])
 
 
-def _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts: FineTuneOptions, seed: int) -> _Run:
-    """The network (early units frozen), a fresh head, the images as tensors. Called after seeding torch:
-    the order of these steps fixes the initial weights."""
+def _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts: FineTuneOptions, seed: int,
+           device=None) -> _Run:
+    """The network (early units frozen), a fresh head, the images as tensors (on the CPU; the network and the
+    head on ``device``, None: the CPU). Called after seeding torch: the order of these steps fixes the initial
+    weights."""
     torch = torch_module()
     size = opts.input_size or spec.input_size
     k = int(max(y_train.max(), y_val.max() if len(y_val) else 0) + 1)
@@ -150,8 +172,10 @@ def _setup(spec, weights_path, X_train, y_train, X_val, y_val, opts: FineTuneOpt
     for unit in units[: len(units) - n_train]:
         for m in unit:
             m.requires_grad_(False)
+    if device is not None:
+        module, head = module.to(device), head.to(device)
     return _Run(opts, size, spec.embed_dim, module, head, units[len(units) - n_train :], Xtr, Xva, y_train, y_val,
-                k, gen)
+                k, gen, device)
 
 
 def _warm_up_head(run: _Run, seed: int, progress: Progress) -> dict:
@@ -162,14 +186,14 @@ def _warm_up_head(run: _Run, seed: int, progress: Progress) -> dict:
     torch = torch_module()
     n = len(run.Xtr) + len(run.Xva)
     progress.start(n, "fine-tune: head warm-up (frozen embeddings)")
-    E_tr = run.embed(run.Xtr).numpy()
-    E_va = run.embed(run.Xva).numpy() if len(run.Xva) else np.zeros((0, run.embed_dim), np.float32)
+    E_tr = run.embed(run.Xtr).cpu().numpy()
+    E_va = run.embed(run.Xva).cpu().numpy() if len(run.Xva) else np.zeros((0, run.embed_dim), np.float32)
     progress.advance(n)
     progress.close()
     C, _ = select_C(E_tr, run.y_train, E_va, run.y_val, seed=seed)
     lin = LinearHead(C=C, seed=seed).fit(E_tr, run.y_train)
     with torch.no_grad():
-        run.head.weight.copy_(torch.from_numpy(lin.coef_))
+        run.head.weight.copy_(torch.from_numpy(lin.coef_))  # copy_ moves them to the head's device
         run.head.bias.copy_(torch.from_numpy(lin.intercept_))
     p_va = lin.predict_proba(E_va)[:, -1] if len(E_va) else np.zeros(0)
     return {"epoch": 0, "stage": "head warm-up", "C": C,
@@ -219,12 +243,20 @@ class _Optimiser:
         return float(loss.detach()), int((logits.argmax(1) == yb).sum())
 
 
-def _train_epochs(run: _Run, history: list[dict], on_epoch, progress: Progress) -> "_Best":
-    """Train epoch after epoch, keeping the best (early stopping after ``patience`` epochs without progress)."""
+def _train_epochs(run: _Run, history: list[dict], on_epoch, progress: Progress, *, resume: dict | None = None,
+                  checkpoint: Callable[[dict, Callable[[], dict]], None] | None = None) -> "_Best":
+    """Train epoch after epoch, keeping the best (early stopping after ``patience`` epochs without progress).
+
+    ``checkpoint(row, state)``, when given, is called after ``on_epoch`` with a function returning the whole
+    training state (``training_state``); ``resume``, such a state, continues at the epoch after its own, with the
+    same result as a run never stopped."""
     optimiser = _Optimiser.of(run)
     best = _Best(run, history[0]["val_auc"] if history else None)
-    last = ""
-    for epoch in range(1, run.opts.epochs + 1):
+    first = 1 if resume is None else _restore(resume, run, optimiser, best, history) + 1
+    last = _last(history[-1]) if history and "loss" in history[-1] else ""
+    for epoch in range(first, run.opts.epochs + 1):
+        if run.opts.patience > 0 and best.epochs_without_progress >= run.opts.patience:
+            break
         row = _train_one_epoch(run, optimiser, epoch, f"fine-tune epoch {epoch}/{run.opts.epochs}{last}", progress)
         live = optimiser.ema.swap_in() if optimiser.ema is not None else None  # evaluate (and keep) the average
         _validate(run, row)
@@ -232,13 +264,74 @@ def _train_epochs(run: _Run, history: list[dict], on_epoch, progress: Progress) 
         if live is not None:
             optimiser.ema.swap_out(live)
         history.append(row)
-        last = f" (last: loss {row['loss']:.3f}" + (
-            f", val AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else "") + ")"
+        last = _last(row)
         if on_epoch is not None:
             on_epoch(row)
-        if run.opts.patience > 0 and best.epochs_without_progress >= run.opts.patience:
-            break
+        if checkpoint is not None:
+            checkpoint(row, lambda: training_state(run, optimiser, best, history))
     return best
+
+
+def _last(row: dict) -> str:
+    return f" (last: loss {row['loss']:.3f}" + (
+        f", val AUC {row['val_auc']:.3f}" if row.get("val_auc") is not None else "") + ")"
+
+
+def training_state(run: _Run, optimiser: "_Optimiser", best: "_Best", history: list[dict]) -> dict:
+    """Everything the next epoch depends on, on the CPU: the weights, the optimiser and its schedule, the weight
+    average, the best epoch so far (its weights unless they are the live ones), the history and the random
+    generators' states."""
+    live = (_cpu(run.module.state_dict()), _cpu(run.head.state_dict()))
+    best_is_live = optimiser.ema is None and best.epoch == history[-1]["epoch"]
+    return {"epoch": history[-1]["epoch"], "history": copy.deepcopy(history), "weights": live,
+            "optimiser": _cpu(optimiser.opt.state_dict()), "schedule": optimiser.sched.state_dict(),
+            "ema": None if optimiser.ema is None else {"t": optimiser.ema.t, "shadow": _cpu(optimiser.ema.shadow)},
+            "best": {"score": best.score, "loss": best.loss, "epoch": best.epoch,
+                     "epochs_without_progress": best.epochs_without_progress,
+                     "weights": None if best_is_live else _cpu(best.weights)},
+            "rng": rng_state(run)}
+
+
+def rng_state(run: _Run) -> dict:
+    """This process's random generators: the run's (shuffling, augmentation), torch's (dropout) and the GPU's."""
+    torch = torch_module()
+    rng = {"gen": run.gen.get_state(), "torch": torch.get_rng_state()}
+    if run.device is not None and torch.device(run.device).type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return rng
+
+
+def _restore(state: dict, run: _Run, optimiser: "_Optimiser", best: "_Best", history: list[dict]) -> int:
+    """Put ``training_state``'s ``state`` back into this run; returns its epoch."""
+    torch = torch_module()
+    run.load(state["weights"])
+    optimiser.opt.load_state_dict(state["optimiser"])  # onto the parameters' device
+    optimiser.sched.load_state_dict(state["schedule"])
+    if optimiser.ema is not None:
+        optimiser.ema.t = state["ema"]["t"]
+        optimiser.ema.shadow = [{k: v.to(run.device or "cpu") for k, v in d.items()} for d in state["ema"]["shadow"]]
+    b = state["best"]
+    best.score, best.loss, best.epoch, best.epochs_without_progress = \
+        b["score"], b["loss"], b["epoch"], b["epochs_without_progress"]
+    best.weights = run.snapshot() if b["weights"] is None else b["weights"]
+    history[:] = copy.deepcopy(state["history"])
+    run.gen.set_state(state["rng"]["gen"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    return int(state["epoch"])
+
+
+def _cpu(obj):
+    """A copy of ``obj`` (tensors in dicts, lists, tuples) with every tensor on the CPU."""
+    torch = torch_module()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _train_one_epoch(run: _Run, optimiser: _Optimiser, epoch: int, title: str, progress: Progress) -> dict:
@@ -252,7 +345,7 @@ def _train_one_epoch(run: _Run, optimiser: _Optimiser, epoch: int, title: str, p
     for i in range(0, len(run.Xtr), run.opts.batch_size):
         idx = order[i : i + run.opts.batch_size]
         xb = channels_last(augment_batch(run.Xtr[idx], run.size, run.opts.augment, run.gen))
-        loss, right = optimiser.step(run, xb, y[idx])
+        loss, right = optimiser.step(run, run.to_device(xb), run.to_device(y[idx]))
         losses.append(loss)
         correct += right
         progress.advance(len(idx))
@@ -267,8 +360,8 @@ def _validate(run: _Run, row: dict) -> None:
     torch = torch_module()
     with torch.no_grad():
         lv = run.head(run.embed(run.Xva))
-        pv = torch.softmax(lv, 1).numpy()
-        row["val_loss"] = float(torch.nn.functional.cross_entropy(lv, torch.from_numpy(run.y_val)))
+        pv = torch.softmax(lv, 1).cpu().numpy()
+        row["val_loss"] = float(torch.nn.functional.cross_entropy(lv, run.to_device(torch.from_numpy(run.y_val))))
     row["val_accuracy"] = float(np.mean(pv.argmax(1) == run.y_val))
     row["val_auc"] = _auc(run.y_val == run.k - 1, pv[:, run.k - 1]) if run.k == 2 else None
 

@@ -74,11 +74,19 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
 
         from .distributed import fine_tune_on_ray
 
-        train = partial(fine_tune_on_ray, workers=cluster.workers)
+        train = partial(fine_tune_on_ray, workers=cluster.workers, device=cluster.device)
     else:
         train = fine_tune
+    curve, record = curve_recorder(on_step)
+
+    def epoch_ended(row: dict) -> None:  # as each epoch ends: on_epoch, then the tutorial's Step lines
+        if on_epoch is not None:
+            on_epoch(row)
+        record(StepInfo(row["epoch"], row["train_accuracy"], row["loss"], row.get("val_accuracy"), len(ok_va),
+                        row.get("val_loss")))
+
     res = train(spec, weights_path(bb.spec), X_tr, splits.y(splits.train)[ok_tr], X_va,
-                splits.y(splits.validation)[ok_va], seed=seed, options=options, on_epoch=on_epoch, progress=progress)
+                splits.y(splits.validation)[ok_va], seed=seed, options=options, on_epoch=epoch_ended, progress=progress)
     sha = state_sha256(res.module, {"options": options.to_dict(), "base": bb.weights_sha256})
     exported = with_tta(res.module, size, options.tta_views) if options.tta else res.module
     path = cache_dir() / "finetuned" / f"{spec.name}-ft-{sha[:16]}.onnx"
@@ -92,10 +100,6 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
     vectors = {Path(p).relative_to(image_dir).as_posix(): v for p, v in zip(emb.paths, emb.vectors)}
     head = FineTunedHead(res.head_W, res.head_b)
     validation = splits.keep(vectors).validation
-    curve, record = curve_recorder(on_step)
-    for row in [r for r in res.history if "loss" in r]:  # the tutorial's Step lines, one per epoch
-        record(StepInfo(row["epoch"], row["train_accuracy"], row["loss"], row.get("val_accuracy"),
-                        len(validation), row.get("val_loss")))
     fit = Fit(new_bb, embedder, None, vectors, head, curve, None, splits.y(validation), "validation split",
               {"type": "linear-softmax", "solver": "fine-tune", "trained_with_backbone": True})
     fit.cal_logits = head.decision_function(fit.X(validation))
@@ -107,4 +111,6 @@ def fine_tune_stage(bb, image_dir: Path, splits: Splits, *, options: FineTuneOpt
         "preprocessing": {"intensity": options.intensity, "aspect": "squash (predict's resize)", "input_size": size,
                           "in_graph": True},
         "seed": seed, "deterministic": True}
+    if res.resumed_after:  # a Ray worker failed: the run went on from the last epoch's checkpoint
+        fit.fine_tune_info["resumed_after_epochs"] = res.resumed_after
     return fit
