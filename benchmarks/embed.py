@@ -19,6 +19,9 @@ kernels reach on this machine with all cores (a 2048^3 MatMul, best of 5), which
 convolution kernels can at most approach. Model FLOPs are counted from the ONNX graph (2 x MACs of
 every Conv and Gemm/MatMul, shapes from ONNX Runtime's symbolic shape inference at batch 1); int8 and bf16
 rows count the same operations against the same float32 peak, so their share can exceed what float32 could reach.
+
+Network alone: the same engine (and the baseline's plain session) over images decoded beforehand, so that the
+end-to-end ratio can be read against what the network itself allows on this CPU: no pipeline can beat it.
 """
 
 from __future__ import annotations
@@ -88,12 +91,10 @@ def model_gflop(onnx_path: str, size: int = 0) -> float:
 
 def worker(args: dict) -> dict:
     """Runs in a fresh process so that its peak RSS is its own."""
-    import resource
-
     paths = [Path(p) for p in Path(args["paths_file"]).read_text().splitlines()]
     if args.get("plain_model"):
         elapsed = _timed(lambda: plain_loop(args["plain_model"], paths, output="probabilities"))
-        return {"img_s": len(paths) / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {"img_s": len(paths) / elapsed, "rss_mb": peak_rss_mb()}
     from cxrlab.backbones import create_backbone
     from cxrlab.embed import Embedder
     from cxrlab.runtime import Engine, bf16_offered, resolve
@@ -112,7 +113,42 @@ def worker(args: dict) -> dict:
                             else Engine(*engine.split(":")))
         embedder.embed_files(paths[:32])
         elapsed = _timed(lambda: embedder.embed_files(paths))
-    return {"img_s": len(paths) / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"img_s": len(paths) / elapsed, "rss_mb": peak_rss_mb()}
+    if args.get("network"):  # after the row's peak RSS is taken: every image is held decoded here
+        if args.get("plain"):
+            out["network_img_s"] = plain_network(str(bb.onnx_path), paths)
+        else:
+            arrays = decoded(paths, bb.spec.input_size)
+            out["network_img_s"] = len(arrays) / _timed(lambda: embedder.embed_arrays(arrays))
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over a
+    fork and exec, so a worker would report its parent's peak whenever the parent had used more."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def decoded(paths, size: int) -> list:
+    from cxrlab.embed import prepare, read_file
+
+    return [prepare(read_file(p), size, str(p))[0] for p in paths]
+
+
+def plain_network(onnx_path: str, paths, batch: int = 32) -> float:
+    """The baseline's network alone: the same ONNX Runtime fp32 session over images decoded beforehand."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    arrays = decoded(paths, session.get_inputs()[0].shape[2])
+    batches = [np.stack(arrays[i:i + batch])[:, None] for i in range(0, len(arrays), batch)]
+    session.run(["embedding"], {"image": batches[0]})
+    return len(arrays) / _timed(lambda: [session.run(["embedding"], {"image": b}) for b in batches])
 
 
 def plain_loop(onnx_path: str, paths, output: str = "embedding", batch: int = 32) -> None:
@@ -226,7 +262,7 @@ def main() -> None:
     print(f"images: {len(paths)}; cores: {os.cpu_count()}; measured peak (SGEMM): {peak:.0f} GFLOP/s; "
           f"native bf16: {'yes' if native_bf16() else 'no'}")
     print(f"{'backbone':20} {'graph':5} {'engine':18} {'img/s':>7} {'x plain':>7} {'x eager':>7} {'GFLOP/img':>9} "
-          f"{'% peak':>7} {'RSS MB':>7}")
+          f"{'% peak':>7} {'RSS MB':>7} {'network img/s':>13} {'x plain':>7}")
     from cxrlab.backbones import create_backbone
 
     engines = a.engines.split(",")
@@ -245,15 +281,16 @@ def main() -> None:
                 except BackboneError as exc:
                     print(f"{backbone:20} {precision:5} not offered: {exc}")
                     continue
-            job = {"backbone": backbone, "precision": precision, "paths": [str(p) for p in paths]}
+            job = {"backbone": backbone, "precision": precision, "paths": [str(p) for p in paths], "network": True}
             plain = in_subprocess({**job, "plain": True})
             print(f"{backbone:20} {precision:5} {'plain ORT fp32 loop':18} {plain['img_s']:7.1f} {1:6.2f}x "
                   f"{plain['img_s'] / eager:6.1f}x {gflop:9.2f} {100 * plain['img_s'] * gflop / peak:6.1f}% "
-                  f"{plain['rss_mb']:7.0f}")
+                  f"{plain['rss_mb']:7.0f} {plain['network_img_s']:13.1f} {1:6.2f}x")
             for engine in engines:
                 r = in_subprocess({**job, "engine": engine})
                 print(f"{backbone:20} {precision:5} {engine:18} {r['img_s']:7.1f} {r['img_s'] / plain['img_s']:6.2f}x "
-                      f"{r['img_s'] / eager:6.1f}x {gflop:9.2f} {100 * r['img_s'] * gflop / peak:6.1f}% {r['rss_mb']:7.0f}")
+                      f"{r['img_s'] / eager:6.1f}x {gflop:9.2f} {100 * r['img_s'] * gflop / peak:6.1f}% {r['rss_mb']:7.0f} "
+                      f"{r['network_img_s']:13.1f} {r['network_img_s'] / plain['network_img_s']:6.2f}x")
     if a.no_commands:
         return
     with tempfile.TemporaryDirectory() as tmp:
