@@ -142,6 +142,34 @@ def test_cli_explain_summary(blob_model, tmp_path, capsys):
     assert (tmp_path / "p" / f"{files[0].stem}.npy").is_file()
 
 
+def test_predict_explain_decodes_each_film_once_and_maps_it_as_explain_does(blob_model, tmp_path, monkeypatch, capsys):
+    """The heatmaps come from the prediction's own pass: one decode per file, and the same maps as one image
+    explained on its own; an unreadable file is reported, not mapped."""
+    import cxrlab.predict as predict_module
+
+    model, files = blob_model
+    (tmp_path / "in").mkdir()
+    for f in files[:5]:
+        (tmp_path / "in" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    decoded = []
+    real = predict_module.prepare
+
+    def counting(data, size, name):
+        decoded.append(name)
+        return real(data, size, name)
+
+    monkeypatch.setattr(predict_module, "prepare", counting)
+    code = main(["predict", "--model", str(model.directory), str(tmp_path / "in"), "--explain", str(tmp_path / "maps"),
+                 "--format", "csv"])
+    assert code == 1 and "broken.png" in capsys.readouterr().out  # the bad file is an error row, the run goes on
+    assert sorted(decoded) == sorted(str(p) for p in (tmp_path / "in").iterdir())  # each file once
+    for f in files[:5]:
+        alone = explain.explain_file(model, f)
+        assert np.array_equal(np.load(tmp_path / "maps" / f"{f.stem}.npy", allow_pickle=False), alone.cam)
+    assert not (tmp_path / "maps" / "broken.npy").exists()
+
+
 def test_overlay_colours_are_perceptual_and_the_scale_can_be_shared():
     """Issue 18: 'inferno', not jet; with a shared scale, equal map values get equal colours on any image."""
     from matplotlib import colormaps

@@ -59,6 +59,15 @@ def test_auto_is_the_reference_unless_bf16_is_both_native_and_checked(monkeypatc
     assert resolve("onnxruntime", "auto", bf16_ok=True) == REFERENCE
 
 
+def test_an_int8_graph_runs_as_its_cross_validated_auc_was_measured_unless_openvino_is_named():
+    from cxrlab.train_options import TrainOptions
+
+    assert TrainOptions(precision="int8").engine() == REFERENCE
+    assert TrainOptions(precision="int8", runtime="onnxruntime").engine() == REFERENCE
+    if runtime.openvino_installed():
+        assert TrainOptions(precision="int8", runtime="openvino").engine() == Engine("openvino", "fp32")
+
+
 def test_bf16_is_offered_only_for_backbones_whose_cross_validated_auc_it_kept():
     for name, (fp32, bf16) in runtime.BF16_AUC.items():
         assert runtime.bf16_offered(name) == (fp32 - bf16 <= runtime.AUC_TOLERANCE)

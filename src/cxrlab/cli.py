@@ -401,28 +401,35 @@ class BarForLongInputs(TqdmProgress):
             super().start(total, desc)
 
 
-def predict_with_progress(model, paths, *, ood: bool = True, cluster=None, audit=None) -> list:
+def predict_with_progress(model, paths, *, ood: bool = True, cluster=None, audit=None, explain=None) -> list:
     """model.predict over the expanded files, with a bar on stderr for long inputs; on ``cluster``
     (cluster.Cluster) with --ray; each answer goes into the ``audit`` log when one is given (its latency: the
-    run's time shared by its files)."""
+    run's time shared by its files). ``explain``: a folder that gets each scored image's heatmap, from the same
+    pass through the network (on a cluster: a second pass here)."""
     import time
 
+    from .explain import explain_paths
     from .predict import expand_paths
 
     files = expand_paths(paths)
     bar = BarForLongInputs()
+    started = time.monotonic()
     if cluster is not None:
-        return cluster.predict_files(model, files, ood=ood, progress=bar)
-    bar.start(len(files), "predicting")
-    try:
-        started = time.monotonic()
-        preds = cluster.predict_files(model, files, ood=ood, progress=bar) if cluster is not None else \
-            model.predict(files, ood=ood, progress=bar)
-        if audit is not None:
-            _audit_files(audit, model, preds, (time.monotonic() - started) / max(1, len(preds)))
-        return preds
-    finally:
-        bar.close()
+        preds = cluster.predict_files(model, files, ood=ood, progress=bar)
+        if explain:
+            explain_paths(model, [p.path for p in preds if not p.error], explain, ood=ood, progress=BarForLongInputs())
+    elif explain:
+        preds = []
+        explain_paths(model, files, explain, ood=ood, progress=bar, predictions=preds)
+    else:
+        bar.start(len(files), "predicting")
+        try:
+            preds = model.predict(files, ood=ood, progress=bar)
+        finally:
+            bar.close()
+    if audit is not None:
+        _audit_files(audit, model, preds, (time.monotonic() - started) / max(1, len(preds)))
+    return preds
 
 
 def _audit_files(audit, model, preds, latency_s: float) -> None:
@@ -472,7 +479,8 @@ def run_predict(a) -> int:
     audit = open_audit_arg(a)
     model = load_model_arg(a)
     try:
-        preds = predict_with_progress(model, a.paths, ood=not a.no_ood, cluster=cluster, audit=audit)
+        preds = predict_with_progress(model, a.paths, ood=not a.no_ood, cluster=cluster, audit=audit,
+                                      explain=a.explain)
     finally:
         if audit is not None:
             audit.close()
@@ -491,9 +499,7 @@ def run_predict(a) -> int:
             print("\n".join(render_prediction_text(p, a.top_k, header=len(preds) > 1,
                                                    positive_label=model.positive_label)))
     if a.explain:
-        from .explain import explain_paths
-
-        n = len(explain_paths(model, [p.path for p in preds if not p.error], a.explain, progress=BarForLongInputs()))
+        n = sum(1 for p in preds if not p.error and p.scores)
         print(f"{n} heatmap(s) written to {a.explain}", file=sys.stderr)
     return 1 if any(p.error for p in preds) else 0
 

@@ -76,9 +76,10 @@ class Embedder:
         self.backbone = backbone
         self.engine = engine
         self.size = backbone.spec.input_size
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # images in the network at once, over all lanes
         self.workers = workers or min(4, default_threads())
         self.lanes, self.threads = lanes(threads, engine)
+        self.lane_batch = -(-batch_size // self.lanes)  # so that lanes do not multiply the memory of a batch
         self._session = None
         self._session_lock = threading.Lock()
 
@@ -99,7 +100,8 @@ class Embedder:
 
     def embed_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
         """Embed already-resized (size, size) arrays."""
-        batches = (np.stack(arrays[i : i + self.batch_size]) for i in range(0, len(arrays), self.batch_size))
+        n = self.lane_batch
+        batches = (np.stack(arrays[i : i + n]) for i in range(0, len(arrays), n))
         with ThreadPoolExecutor(self.lanes) as pool:
             out = [vectors for _, (vectors,) in in_lanes(pool, self.run, batches, lanes=self.lanes)]
         return np.concatenate(out) if out else np.zeros((0, self.backbone.spec.embed_dim), np.float32)
@@ -115,14 +117,14 @@ class Embedder:
         files are skipped with their reason. Rows come back in the order of ``paths``."""
         progress = resolve(progress)
         progress.start(len(paths), f"embedding ({self.backbone.id})")
-        got = _Collected()
+        got = _Collected(len(paths), self.backbone.spec.embed_dim)
         with ThreadPoolExecutor(self.workers) as decoders, ThreadPoolExecutor(self.lanes) as lanes_pool:
             loads = in_order(decoders, lambda path: self._load(path, store), paths,
-                             lookahead=(self.lanes + 1) * self.batch_size)
+                             lookahead=(self.lanes + 1) * self.lane_batch)
             batches = self._batches_to_run(loads, paths, got, progress)
             for batch, out in in_lanes(lanes_pool, self._forward, batches, lanes=self.lanes):
                 for (i, _, _), v in zip(batch, out):
-                    got.vectors[i] = v
+                    got.put(i, v)
                 if store is not None:
                     store.put_many([d for _, d, _ in batch], out)
                 progress.advance(len(batch))
@@ -131,7 +133,7 @@ class Embedder:
             store.misses += len(got.digests) - got.hits
             store.maybe_compact()
         progress.close()
-        return got.result(paths, self.backbone.spec.embed_dim)
+        return got.result(paths)
 
     def _batches_to_run(self, loads, paths: list, got: "_Collected", progress: Progress):
         """Batches of (index, digest, image) not in the cache; cache hits and unreadable files are noted in ``got``."""
@@ -145,12 +147,12 @@ class Embedder:
                 continue
             got.digests[i] = d
             if was_hit:
-                got.vectors[i] = value
+                got.put(i, value)
                 got.hits += 1
                 progress.advance()
                 continue
             batch.append((i, d, value))
-            if len(batch) == self.batch_size:
+            if len(batch) == self.lane_batch:
                 yield batch
                 batch = []
         if batch:
@@ -193,20 +195,25 @@ def in_lanes(pool: ThreadPoolExecutor, fn, batches, *, lanes: int):
         yield done, future.result()
 
 
-@dataclass
 class _Collected:
-    """What one embed_files run has gathered, by the index of the file."""
+    """What one embed_files run has gathered, by the index of the file: the vectors go straight into one array
+    (no per-image copies to stack at the end: at 20,000 images those doubled the run's memory)."""
 
-    vectors: dict[int, np.ndarray] = field(default_factory=dict)
-    digests: dict[int, bytes] = field(default_factory=dict)
-    skipped: list[tuple[int, SkippedFile]] = field(default_factory=list)
-    hits: int = 0
+    def __init__(self, n: int, dim: int):
+        self.vectors = np.zeros((n, dim), np.float32)
+        self.filled = np.zeros(n, bool)
+        self.digests: dict[int, bytes] = {}
+        self.skipped: list[tuple[int, SkippedFile]] = []
+        self.hits = 0
 
-    def result(self, paths: list, dim: int) -> EmbedResult:
-        order = sorted(self.vectors)
-        vectors = self.vectors
+    def put(self, i: int, vector: np.ndarray) -> None:
+        self.vectors[i] = vector
+        self.filled[i] = True
+
+    def result(self, paths: list) -> EmbedResult:
+        order = np.flatnonzero(self.filled)
         return EmbedResult(
-            vectors=np.stack([vectors[i] for i in order]).astype(np.float32) if order else np.zeros((0, dim), np.float32),
+            vectors=self.vectors if len(order) == len(self.filled) else self.vectors[order],
             paths=[str(paths[i]) for i in order],
             digests=[self.digests[i] for i in order],
             skipped=[s for _, s in sorted(self.skipped, key=lambda t: t[0])],

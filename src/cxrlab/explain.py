@@ -71,11 +71,16 @@ def explain_array(model, array: np.ndarray, pixels: np.ndarray, name: str, decod
     pred = model.predict_arrays([array], [decoded] if decoded is not None else None, names=[name], maps=maps)[0]
     if pred.ood:  # no scores, so no map of one: the picture is not a chest X-ray
         raise ImageError(name, f"not a chest X-ray: {pred.ood_reason}")
+    return heatmap_of(model, pred, maps[0], pixels, class_label=class_label)
+
+
+def heatmap_of(model, pred, class_maps: np.ndarray, pixels: np.ndarray, *, class_label: str | None = None) -> Heatmap:
+    """The heatmap of a scored prediction from its class maps (C, h, w): of ``class_label``, else of its decision."""
     label = class_label or pred.label or max(pred.scores, key=pred.scores.get)
     if label not in model.labels:
         raise DataError(f"unknown class {label!r}; the model's classes are {', '.join(model.labels)}")
-    cam = normalise(maps[0][model.labels.index(label)])
-    return Heatmap(name, label, pred.scores[label], cam, upsample(cam, pixels.shape))
+    cam = normalise(class_maps[model.labels.index(label)])
+    return Heatmap(pred.path, label, pred.scores[label], cam, upsample(cam, pixels.shape))
 
 
 def _load(model, data: bytes, name: str):
@@ -246,42 +251,40 @@ def _heatmap_stems(out: Path, files: list[str]) -> list[str]:
 
 
 def explain_paths(model, paths, output_dir: str | os.PathLike, *,
-                  skipped: list[tuple[str, str]] | None = None, progress: Progress | None = None) -> list[Heatmap]:
+                  skipped: list[tuple[str, str]] | None = None, progress: Progress | None = None,
+                  predictions: list | None = None, ood: bool = True) -> list[Heatmap]:
     """Write <stem>.png (overlay) and <stem>.npy (the raw (h, w) map) per readable image
     (<stem>-2... when two files share a name or the name is taken); unreadable files go to
-    ``skipped`` as (path, reason); ``progress`` advances once per file."""
+    ``skipped`` as (path, reason); ``progress`` advances once per file. The heatmaps come from the
+    prediction's own pass (``Model.predict(on_maps=...)``, with its ``ood`` checks); ``predictions``, a list,
+    receives that prediction."""
     paths = list(paths) if isinstance(paths, (list, tuple)) else [paths]
     out = check_output(output_dir, model, paths)
     files = expand_paths(paths)
     stems = _heatmap_stems(out, files)
     claim(out, "explain", files=[f"{stem}{x}" for stem in stems for x in HEATMAP_SUFFIXES])
-    results = []
+    written: dict[int, Heatmap] = {}
+
+    def write(index: int, pred, decoded, class_maps) -> None:
+        hm = heatmap_of(model, pred, class_maps, decoded.pixels)
+        atomic_write_bytes(out / f"{stems[index]}.png", overlay_png(hm, decoded.pixels))
+        buf = io.BytesIO()
+        np.save(buf, hm.cam, allow_pickle=False)
+        atomic_write_bytes(out / f"{stems[index]}.npy", buf.getvalue())
+        written[index] = hm
+
     progress = resolve(progress)
     progress.start(len(files), "explaining")
     try:
-        for path, stem in zip(files, stems):
-            hm = _explain_one(model, path, out, stem, skipped)
-            if hm is not None:
-                results.append(hm)
-            progress.advance()
+        preds = model.predict(files, ood=ood, progress=progress, on_maps=write)
     finally:
         progress.close()
-    return results
-
-
-def _explain_one(model, path: str, out: Path, stem: str, skipped: list | None) -> Heatmap | None:
-    try:
-        array, img = _load(model, read_file(path), path)
-        hm = explain_array(model, array, img.pixels, path, img)
-    except ImageError as exc:  # unreadable, or refused as not a chest X-ray
-        if skipped is not None:
-            skipped.append((path, exc.reason))
-        return None
-    atomic_write_bytes(out / f"{stem}.png", overlay_png(hm, img.pixels))
-    buf = io.BytesIO()
-    np.save(buf, hm.cam, allow_pickle=False)
-    atomic_write_bytes(out / f"{stem}.npy", buf.getvalue())
-    return hm
+    for pred in preds:
+        if skipped is not None and (pred.error or pred.ood):  # unreadable, or refused as not a chest X-ray
+            skipped.append((pred.path, pred.error or f"not a chest X-ray: {pred.ood_reason}"))
+    if predictions is not None:
+        predictions.extend(preds)
+    return [written[i] for i in sorted(written)]
 
 
 @dataclass

@@ -207,7 +207,8 @@ class Model:
         return check(pictures, threshold=float(self.chest_check["threshold"]),
                      network=bool(self.chest_check.get("network", True)))
 
-    def predict(self, images, *, ood: bool = True, batch_size: int = 16, progress=None) -> list[Prediction]:
+    def predict(self, images, *, ood: bool = True, batch_size: int = 16, progress=None,
+                on_maps=None) -> list[Prediction]:
         """Predict each image: files, folders of image files, and images already in memory.
 
         Parameters
@@ -225,9 +226,14 @@ class Model:
             reason in ``ood_reason``, and no scores or ``label``; and flag a chest film unlike the
             training images (``shift=True``, ``shift_score``): it is still scored.
         batch_size : int
-            Images run through the network at once (memory versus speed).
+            Images in the network at once (memory versus speed), shared by its lanes (``cxrlab.runtime.lanes``).
         progress : cxrlab.progress.Progress or None
             Advanced by each batch's images (started and closed by the caller).
+        on_maps : callable or None
+            ``on_maps(index, prediction, decoded, class_maps)`` for each image the network scored, with its
+            position among the images found, its DecodedImage and its class maps (C, h, w) from the same pass,
+            called in the thread that ran its batch while the decoded image is still held: heatmaps without a
+            second decode or pass (``cxrlab.explain``).
 
         Returns
         -------
@@ -244,36 +250,45 @@ class Model:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise DataError(f"predict: batch_size must be a whole number of at least 1, got {batch_size!r}")
-        items = _input_items(images)
+        items = list(enumerate(_input_items(images)))
         results: list[Prediction] = []
+        keep = on_maps is not None
         # Decoding (and the chest check, which needs the full decoded image) runs in worker threads ahead of the
-        # network, whose batches run side by side in lanes; only the network's small inputs are kept, so memory
-        # stays flat.
+        # network, whose batches run side by side in lanes; only the network's small inputs are kept (and the
+        # decoded images of the batches in flight, for on_maps), so memory stays flat.
         with ThreadPoolExecutor(min(4, default_threads())) as pool, ThreadPoolExecutor(self.lanes) as lanes_pool:
-            prepared = in_order(pool, lambda item: self._prepare_item(item, ood), items,
-                                lookahead=(self.lanes + 1) * batch_size)
-            batches = _batches((future.result() for _, future in prepared), batch_size)
-            for batch, preds in in_lanes(lanes_pool, lambda b: self._predict_prepared(b, ood), batches,
+            lane_batch = -(-batch_size // self.lanes)  # lanes share the batch: its memory is not multiplied
+            prepared = in_order(pool, lambda item: self._prepare_item(item, ood, keep), items,
+                                lookahead=(self.lanes + 1) * lane_batch)
+            batches = _batches((future.result() for _, future in prepared), lane_batch)
+            for batch, preds in in_lanes(lanes_pool, lambda b: self._predict_prepared(b, ood, on_maps), batches,
                                          lanes=self.lanes):
                 results.extend(preds)
                 if progress is not None:
                     progress.advance(len(batch))
         return results
 
-    def _prepare_item(self, item: tuple[str, object], ood: bool) -> tuple[str, np.ndarray | None, object]:
-        """(name, network input, chest verdict) of one image, or (name, None, why it cannot be used)."""
-        name, source = item
+    def _prepare_item(self, item: tuple[int, tuple[str, object]], ood: bool, keep: bool) -> _Prepared:
+        """The network's input and the chest verdict of one image, or why it cannot be used."""
+        index, (name, source) = item
         try:
             arr, img = self._prepare(source, name)
         except ImageError as exc:
-            return name, None, exc.reason
-        return name, arr, self.chest_verdicts([arr], [img])[0] if ood else None
+            return _Prepared(index, name, None, exc.reason)
+        return _Prepared(index, name, arr, self.chest_verdicts([arr], [img])[0] if ood else None,
+                         img if keep else None)
 
-    def _predict_prepared(self, batch: list[tuple[str, np.ndarray | None, object]], ood: bool) -> list[Prediction]:
-        usable = [(name, arr, verdict) for name, arr, verdict in batch if arr is not None]
-        preds = iter(self.predict_arrays([a for _, a, _ in usable], ood=ood, names=[n for n, _, _ in usable],
-                                         verdicts=[v for _, _, v in usable]) if usable else [])
-        return [next(preds) if arr is not None else Prediction(name, error=why) for name, arr, why in batch]
+    def _predict_prepared(self, batch: list[_Prepared], ood: bool, on_maps) -> list[Prediction]:
+        usable = [p for p in batch if p.array is not None]
+        maps: list | None = [] if on_maps is not None else None
+        preds = self.predict_arrays([p.array for p in usable], ood=ood, names=[p.name for p in usable],
+                                    verdicts=[p.verdict for p in usable], maps=maps) if usable else []
+        if on_maps is not None:
+            for p, pred, m in zip(usable, preds, maps):
+                if m is not None:
+                    on_maps(p.index, pred, p.decoded, m)
+        scored = iter(preds)
+        return [next(scored) if p.array is not None else Prediction(p.name, error=p.verdict) for p in batch]
 
     def _prepare(self, source, name: str) -> tuple[np.ndarray, DecodedImage]:
         """The network's (size, size) input and the decoded image, from a path or an image in memory."""
@@ -289,6 +304,17 @@ class Model:
     def predict_bytes(self, data: bytes, name: str = "upload", *, ood: bool = True) -> Prediction:
         arr, img = prepare(data, self.input_size, name)
         return self.predict_arrays([arr], [img], ood=ood, names=[name])[0]
+
+
+@dataclass
+class _Prepared:
+    """One image on its way to the network: its input, and the chest check's verdict (or why it is unusable)."""
+
+    index: int
+    name: str
+    array: np.ndarray | None
+    verdict: object  # the chest check's verdict; the reason it cannot be used when ``array`` is None
+    decoded: DecodedImage | None = None  # kept only for heatmaps
 
 
 def _batches(items, size: int):

@@ -225,14 +225,28 @@ class OpenVINOSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
-        result = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        # The request reuses its output buffers on the next call: keep copies.
-        by_name = {name: array for port, value in result.items() for array in [np.array(value)]
-                   for name in port.get_names()}
+        if _numpy_bridge_ready.is_set():
+            by_name = _infer(request, feeds)
+        else:
+            # OpenVINO's bindings set up their numpy bridge on first use without guarding against a second thread:
+            # two lanes starting at once deadlocked. The first inference of the process runs alone.
+            with _first_inference:
+                by_name = _infer(request, feeds)
+                _numpy_bridge_ready.set()
         if self._head is not None:
             by_name.update(self._head.outputs(by_name))
         names = output_names or [o.name for o in self._outputs]
         return [by_name[n] for n in names]
+
+
+_first_inference = threading.Lock()
+_numpy_bridge_ready = threading.Event()
+
+
+def _infer(request, feeds: dict) -> dict[str, np.ndarray]:
+    result = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+    # The request reuses its output buffers on the next call: keep copies.
+    return {name: array for port, value in result.items() for array in [np.array(value)] for name in port.get_names()}
 
 
 @dataclass(frozen=True)

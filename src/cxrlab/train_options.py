@@ -102,7 +102,9 @@ class TrainOptions:
         (bf16 by default only for a backbone whose cross-validated AUC it kept, runtime.BF16_AUC)."""
         from .runtime import bf16_offered, resolve
 
-        execution = "auto" if self.precision == "int8" else self.precision
+        # An int8 graph's cross-validated AUC (precision.INT8_AUC) was measured with its float parts in fp32: it
+        # runs so unless OpenVINO is asked for by name.
+        execution = "fp32" if self.precision == "int8" else self.precision
         return resolve(self.runtime, execution, bf16_ok=bf16_offered(self.backbone))
 
     def distortions(self) -> dict:
