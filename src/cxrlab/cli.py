@@ -19,7 +19,8 @@ from .errors import CxrlabError
 from .finetune.options import FineTuneOptions
 from .progress import TqdmProgress
 from .runtime import EXECUTION_PRECISIONS, RUNTIMES, TRAIN_PRECISIONS as PRECISIONS
-from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS, RAY_DEVICES, TrainOptions
+from .runtime import RAY_DEVICES
+from .train_options import CV_POSITIVE_LABEL, DEFAULT_FOLDS, TrainOptions
 
 EPILOG = {
     "train": "example: cxrlab train lungs/ --output models/tb",

@@ -30,8 +30,8 @@ import numpy as np
 from .embed import EmbedResult, SkippedFile, make_session, prepare, read_file
 from .errors import CxrlabError, ImageError
 from .progress import Progress, resolve
+from .runtime import RAY_DEVICES as DEVICES  # what fine-tuning workers train on (distributed.plan_workers)
 from .runtime import REFERENCE, Engine
-from .train_options import RAY_DEVICES as DEVICES  # what fine-tuning workers train on (distributed.plan_workers)
 
 LOCAL, AUTO = "local", "auto"
 INSTALL_HINT = "pip install -e .[cluster]"

@@ -27,6 +27,7 @@ from .errors import CxrlabError
 RUNTIMES = ("auto", "openvino", "onnxruntime")
 EXECUTION_PRECISIONS = ("auto", "fp32", "bf16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: a quantised backbone graph (precision.py)
+RAY_DEVICES = ("auto", "cpu", "gpu")  # what fine-tuning workers on a Ray cluster train on (--ray-device)
 AUC_TOLERANCE = 0.005
 
 # Shenzhen, 5-fold `cxrlab cv --head-only` (same folds), mean AUC with embeddings in fp32 -> bf16.

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Callable
 from .backbones import DEFAULT_BACKBONE, can_fine_tune
 from .progress import Progress
 
-RAY_DEVICES = ("auto", "cpu", "gpu")  # what fine-tuning workers on a Ray cluster train on (--ray-device)
 
 if TYPE_CHECKING:
     from .finetune import FineTuneOptions

@@ -17,7 +17,7 @@ from pathlib import Path
 from .checks import option_message, check_choice, check_float, check_int
 from .errors import DataError
 from .runtime import RUNTIMES, TRAIN_PRECISIONS as PRECISIONS
-from .train_options import RAY_DEVICES
+from .runtime import RAY_DEVICES
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn accept seeds in [0, 2**32)
 MIN_FREE_BYTES = 1  # an output on a device with no free byte at all fails up front

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones import cache_dir, weights_path as registry_weights
-from ..cluster import DEVICES
+from ..runtime import RAY_DEVICES as DEVICES
 from ..errors import CxrlabError
 from ..progress import resolve
 from .loop import (FineTuneResult, _check_trainable, _setup, _train_epochs, _warm_up_head, _with_overrides, rng_state,
