@@ -221,7 +221,7 @@ def add_train_options(p) -> None:
              help="decode threads, >= 1 (default: up to 4, one per core); with --ray: the Ray workers that embed "
                   "and fine-tune (default: one per core of the cluster; fine-tuning on GPUs: one per GPU)")
     add_flag(p, "batch_size", type=v.positive_int, default=t.batch_size, metavar="N",
-          help="images per ONNX Runtime batch while embedding, >= 1")
+          help="images in the network at once while embedding, shared by its lanes (one per core), >= 1")
     add_fine_tune_options(p, "(slower, more accurate)")
     add_seed_option(p, t.seed)
     add_quiet_option(p)
@@ -421,7 +421,8 @@ def predict_with_progress(model, paths, *, ood: bool = True, cluster=None, audit
             explain_paths(model, [p.path for p in preds if not p.error], explain, ood=ood, progress=BarForLongInputs())
     elif explain:
         preds = []
-        explain_paths(model, files, explain, ood=ood, progress=bar, predictions=preds)
+        explain_paths(model, files, explain, ood=ood, progress=bar, predictions=preds,
+                      title="predicting and explaining")
     else:
         bar.start(len(files), "predicting")
         try:

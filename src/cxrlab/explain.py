@@ -252,7 +252,7 @@ def _heatmap_stems(out: Path, files: list[str]) -> list[str]:
 
 def explain_paths(model, paths, output_dir: str | os.PathLike, *,
                   skipped: list[tuple[str, str]] | None = None, progress: Progress | None = None,
-                  predictions: list | None = None, ood: bool = True) -> list[Heatmap]:
+                  predictions: list | None = None, ood: bool = True, title: str = "explaining") -> list[Heatmap]:
     """Write <stem>.png (overlay) and <stem>.npy (the raw (h, w) map) per readable image
     (<stem>-2... when two files share a name or the name is taken); unreadable files go to
     ``skipped`` as (path, reason); ``progress`` advances once per file. The heatmaps come from the
@@ -274,7 +274,7 @@ def explain_paths(model, paths, output_dir: str | os.PathLike, *,
         written[index] = hm
 
     progress = resolve(progress)
-    progress.start(len(files), "explaining")
+    progress.start(len(files), title)
     try:
         preds = model.predict(files, ood=ood, progress=progress, on_maps=write)
     finally:
