@@ -77,7 +77,8 @@ def tiny_model_dir(tmp_path_factory):
         "training_data": {"image_dir_name": "tiny", "counts": {"abnormal": 3, "normal": 4}},
         "metrics": {"n": {"train": 5, "validation": 1, "test": 1},
                     "test": {"auc": 0.9, "auc_ci": [0.8, 0.97], "sensitivity": 0.95, "sensitivity_ci": [0.9, 0.99],
-                             "specificity": 0.75, "specificity_ci": [0.7, 0.8], "who_verdict": "meets the WHO target"}},
+                             "specificity": 0.75, "specificity_ci": [0.7, 0.8], "who_verdict": "meets the WHO target",
+                             "who_status": "met", "sample_warning": "only 1 test image: its figures are anecdotes"}},
     }
     d = tmp_path_factory.mktemp("tiny-page") / "model"
     return save_model(d, onnx_bytes=tiny_onnx(), labels=["abnormal", "normal"], info=info)
@@ -239,6 +240,9 @@ def test_docs_page_works_offline_in_the_browser(sync_api, page_server):
         browser = pw.chromium.launch(executable_path=chromium_path(), args=LAUNCH_ARGS)
         try:
             page = open_page(browser, page_server, WIDTHS["desktop"], problems)
+            # the model card says whether the WHO target is met and warns of a small test set, as the CLI does
+            assert page.locator("#model-card-fields .who-met").count() == 1
+            assert "only 1 test image" in page.inner_text("#model-card-fields .sample-warning")
             page.click("footer a[href='/docs']")
             page.wait_for_selector("h1")
             text = page.inner_text("body")

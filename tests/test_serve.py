@@ -68,7 +68,8 @@ def model_dir(tmp_path_factory):
         "metrics": {"n": {"train": 5, "validation": 1, "test": 1},
                     "test": {"auc": 0.9, "auc_ci": [0.8, float("nan")], "sensitivity": 0.95,
                              "sensitivity_ci": [0.9, 0.99], "specificity": 0.75, "specificity_ci": [0.7, 0.8],
-                             "who_verdict": "meets the WHO target", "tp": 7}},
+                             "who_verdict": "meets the WHO target", "who_status": "met", "tp": 7,
+                             "sample_warning": "only 1 test image: its figures are anecdotes"}},
     }
     return save_model(d, onnx_bytes=tiny_onnx(), labels=["abnormal", "normal"], info=info)
 
@@ -304,6 +305,8 @@ def test_model_card(client):
     assert m["operating_point"]["threshold"] == 0.5 and m["operating_point"]["rule"] == "who"
     assert m["metrics"]["test"]["auc"] == 0.9 and m["metrics"]["test"]["auc_ci"] == [0.8, None]  # NaN -> null
     assert "tp" not in m["metrics"]["test"] and m["metrics"]["test"]["who_verdict"]
+    assert m["metrics"]["test"]["who_status"] == "met"  # the web card shows both, and the small-sample warning
+    assert m["metrics"]["test"]["sample_warning"].startswith("only 1 test image")
     assert m["training_data"]["counts"] == {"abnormal": 3, "normal": 4}
     assert m["calibration"]["method"] == "temperature" and m["created_by"] == "test"
     assert "decision support" in m["intended_use"] and m["disclaimer"] == "This is not a medical device."

@@ -56,8 +56,8 @@ SUPPORTED = "JPEG, PNG, DICOM, BMP, TIFF, WebP, GIF"
 _CHUNK = 1 << 20
 _TEST_KEYS = ("n", "n_positive", "n_negative", "threshold", "auc", "auc_ci", "sensitivity", "sensitivity_ci",
               "specificity", "specificity_ci", "accuracy", "accuracy_ci", "ppv", "ppv_ci", "npv", "npv_ci",
-              "brier", "ece", "ece_uncalibrated", "who_verdict", "macro_auc", "macro_sensitivity",
-              "macro_specificity", "macro_f1")
+              "brier", "ece", "ece_uncalibrated", "who_verdict", "who_status", "sample_warning", "macro_auc",
+              "macro_sensitivity", "macro_specificity", "macro_f1")
 _CSP = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 _RETRY_AFTER_S = 5
 _mib = size_text

@@ -359,7 +359,8 @@
     if (t.accuracy !== undefined) row(dl, "Test accuracy", pct(t.accuracy) + ciPct(t.accuracy_ci), "metric-accuracy");
     if (t.macro_auc !== undefined) row(dl, "Test macro AUC", num(t.macro_auc));
     if (t.n !== undefined) row(dl, "Test images", t.n + (t.n_positive !== undefined ? " (" + t.n_positive + " positive)" : ""));
-    row(dl, "WHO target", t.who_verdict || "not evaluated", "who who-verdict");
+    row(dl, "WHO target", t.who_verdict || "not evaluated", "who who-verdict" + (t.who_status ? " who-" + t.who_status : ""));
+    if (t.sample_warning) row(dl, "Warning", t.sample_warning, "sample-warning");
     const op = m.operating_point;
     if (op) {
       row(dl, "Operating point", "rule " + op.rule + ", threshold " + pct(op.threshold) +
