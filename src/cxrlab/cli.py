@@ -410,25 +410,19 @@ def predict_with_progress(model, paths, *, ood: bool = True, cluster=None, audit
     import time
 
     from .explain import explain_paths
-    from .predict import expand_paths
+    from .predict import expand_paths, predict_files
 
     files = expand_paths(paths)
     bar = BarForLongInputs()
     started = time.monotonic()
-    if cluster is not None:
-        preds = cluster.predict_files(model, files, ood=ood, progress=bar)
-        if explain:
-            explain_paths(model, [p.path for p in preds if not p.error], explain, ood=ood, progress=BarForLongInputs())
-    elif explain:
+    if explain and cluster is None:
         preds = []
         explain_paths(model, files, explain, ood=ood, progress=bar, predictions=preds,
                       title="predicting and explaining")
     else:
-        bar.start(len(files), "predicting")
-        try:
-            preds = model.predict(files, ood=ood, progress=bar)
-        finally:
-            bar.close()
+        preds = predict_files(model, files, ood=ood, progress=bar, cluster=cluster)
+        if explain:
+            explain_paths(model, [p.path for p in preds if not p.error], explain, ood=ood, progress=BarForLongInputs())
     if audit is not None:
         _audit_files(audit, model, preds, (time.monotonic() - started) / max(1, len(preds)))
     return preds

@@ -22,7 +22,7 @@ from .cache import EmbeddingStore
 from .decode import DecodedImage, decode_image, read_image_bytes, resize
 from .errors import CxrlabError, ImageError
 from .progress import Progress, resolve
-from .runtime import REFERENCE, Engine, default_threads, lanes, make_session
+from .runtime import REFERENCE, Engine, default_threads, lane_batch, lanes, make_session
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Embedder:
         self.batch_size = batch_size  # images in the network at once, over all lanes
         self.workers = workers or min(4, default_threads())
         self.lanes, self.threads = lanes(threads, engine)
-        self.lane_batch = -(-batch_size // self.lanes)  # so that lanes do not multiply the memory of a batch
+        self.lane_batch = lane_batch(batch_size, self.lanes)
         self._session = None
         self._session_lock = threading.Lock()
 

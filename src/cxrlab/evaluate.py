@@ -12,7 +12,7 @@ import numpy as np
 from .discover import Dataset, Sample, discover
 from .errors import DataError
 from .outputs import REPORT_FILES, check_output_dir, claim, model_labels
-from .predict import Model, Prediction
+from .predict import Model, Prediction, predict_files
 from .progress import Progress, resolve
 from .validate import evaluate_arguments
 
@@ -158,14 +158,7 @@ def _score(model: Model, data_dir: Path, samples: list[Sample], ood: bool, progr
     """(predictions, their true labels, (path, reason) of the unreadable files), on ``cluster`` (cluster.Cluster)
     when given."""
     paths = [str(data_dir / s.relpath) for s in samples]
-    if cluster is not None:
-        every = cluster.predict_files(model, paths, ood=ood, progress=progress)
-    else:
-        progress.start(len(samples), "evaluating")
-        try:
-            every = model.predict(paths, ood=ood, progress=progress)
-        finally:
-            progress.close()
+    every = predict_files(model, paths, ood=ood, progress=progress, title="evaluating", cluster=cluster)
     preds, truth, skipped = [], [], []
     for s, p in zip(samples, every):
         if p.error:

@@ -18,7 +18,8 @@ from .errors import DataError, ImageError, ModelDirError
 from .modeldir import LABELS_FILE, MODEL_FILE, ModelFiles, load_model_files, model_identity
 from .modelschema import INPUT_SIZE_RANGE, Invalid, show
 from .modelschema import labels as check_labels
-from .runtime import default_threads
+from .progress import resolve as resolve_progress
+from .runtime import default_threads, lane_batch
 
 
 @dataclass
@@ -257,10 +258,10 @@ class Model:
         # network, whose batches run side by side in lanes; only the network's small inputs are kept (and the
         # decoded images of the batches in flight, for on_maps), so memory stays flat.
         with ThreadPoolExecutor(min(4, default_threads())) as pool, ThreadPoolExecutor(self.lanes) as lanes_pool:
-            lane_batch = -(-batch_size // self.lanes)  # lanes share the batch: its memory is not multiplied
+            share = lane_batch(batch_size, self.lanes)
             prepared = in_order(pool, lambda item: self._prepare_item(item, ood, keep), items,
-                                lookahead=(self.lanes + 1) * lane_batch)
-            batches = _batches((future.result() for _, future in prepared), lane_batch)
+                                lookahead=(self.lanes + 1) * share)
+            batches = _batches((future.result() for _, future in prepared), share)
             for batch, preds in in_lanes(lanes_pool, lambda b: self._predict_prepared(b, ood, on_maps), batches,
                                          lanes=self.lanes):
                 results.extend(preds)
@@ -364,6 +365,20 @@ def load_model(directory: str | os.PathLike, *, trust_modified: bool = False, th
         When the directory is missing, modified (without ``trust_modified``), or holds an invalid value.
     """
     return Model(directory, trust_modified=trust_modified, threads=threads, runtime=runtime, precision=precision)
+
+
+def predict_files(model: "Model", files: list[str], *, ood: bool = True, progress=None, title: str = "predicting",
+                  cluster=None) -> list[Prediction]:
+    """``model.predict`` over ``files`` (on ``cluster``, a cluster.Cluster, when given) with ``progress`` started
+    under ``title`` and closed here."""
+    if cluster is not None:
+        return cluster.predict_files(model, files, ood=ood, progress=progress)
+    progress = resolve_progress(progress)
+    progress.start(len(files), title)
+    try:
+        return model.predict(files, ood=ood, progress=progress)
+    finally:
+        progress.close()
 
 
 def _input_items(images) -> list[tuple[str, object]]:

@@ -113,6 +113,11 @@ def lanes(threads: int | None, engine: Engine) -> tuple[int, int]:
     return default_threads(), 1
 
 
+def lane_batch(batch_size: int, n_lanes: int) -> int:
+    """Each lane's share of a batch of ``batch_size`` images: lanes do not multiply the memory of a batch."""
+    return -(-batch_size // n_lanes)
+
+
 def bf16_offered(backbone: str) -> bool:
     fp32, bf16 = BF16_AUC.get(backbone, (None, None))
     return fp32 is not None and fp32 - bf16 <= AUC_TOLERANCE
