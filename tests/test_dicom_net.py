@@ -98,6 +98,18 @@ def _dataset_sha256(ds) -> str:
     return sha256(buf.getvalue())
 
 
+def _audit_rows_of(listener, films, timeout: float = 30) -> list:
+    """The audit rows, once one names each of ``films``: the listener writes a film's row after it has sent the
+    results back (the row records whether they were delivered), so it may trail their arrival in the PACS."""
+    wanted = {_dataset_sha256(ds) for ds in films}
+    deadline = time.monotonic() + timeout
+    rows = listener.audit_rows()
+    while not wanted <= {r["input_sha256"] for r in rows} and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = listener.audit_rows()
+    return rows
+
+
 def _results(pacs, ds, n: int = 3, timeout: float = 60) -> dict:
     found = pacs.wait_for_instances(ds.StudyInstanceUID, n, timeout=timeout)
     return {f["SOPClassUID"]: f for f in found if f["SOPInstanceUID"] != ds.SOPInstanceUID}
@@ -164,8 +176,9 @@ def test_a_film_is_answered_into_its_study(node, model_dir):
     assert np.array_equal(sc_ds.pixel_array, want.pixel_array)
 
     # the audit row: the dataset's hash, the answer, no patient data
-    rows = [r for r in listener.audit_rows() if r["input_sha256"] == _dataset_sha256(ds)]
-    assert len(rows) == 1, [dict(r) for r in listener.audit_rows()]
+    every = _audit_rows_of(listener, [ds])
+    rows = [r for r in every if r["input_sha256"] == _dataset_sha256(ds)]
+    assert len(rows) == 1, [dict(r) for r in every]
     row = rows[0]
     assert (row["surface"], row["decision"], row["model"]) == ("dicom", expected.label, model.sha256)
     assert row["source"].startswith("ORTHANC@127.0.0.1")
@@ -248,7 +261,7 @@ def test_twenty_films_sent_in_parallel_all_come_back(node):
     for ds in films:
         left = max(1.0, deadline - time.monotonic())
         assert set(_results(pacs, ds, timeout=left)) == {SECONDARY_CAPTURE, COMPREHENSIVE_SR}, ds.StudyInstanceUID
-    hashes = {r["input_sha256"] for r in listener.audit_rows()}
+    hashes = {r["input_sha256"] for r in _audit_rows_of(listener, films)}
     assert all(_dataset_sha256(ds) in hashes for ds in films)
 
 
